@@ -1,0 +1,27 @@
+"""Entry point: ``python -m cns_lightning +experiment=seq7`` (Hydra; ``-m`` for sweeps)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+
+def config_dir() -> str:
+    """The config folder: $CNS_CONFIG_DIR, else the repository's conf/ (editable install)."""
+    if os.environ.get("CNS_CONFIG_DIR"):
+        return os.environ["CNS_CONFIG_DIR"]
+    return str(Path(__file__).resolve().parents[2] / "conf")
+
+
+@hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from .continual import run
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

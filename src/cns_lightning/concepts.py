@@ -1,0 +1,173 @@
+"""A personal concept: a folder of images, their captions, a modifier token and a class noun.
+
+Captions may hold the placeholder ``{token}`` where the modifier token goes (e.g.
+``"a {token} dog on the beach"``). A caption without it gets the token bound to the class noun:
+the first whole-word occurrence of the class noun becomes ``"{token} <class>"``; if the class noun
+does not occur, ``"{token} <class>, "`` is put in front. Without caption files every image gets
+``caption_template`` (default ``"photo of a {token} {class}"``).
+
+A concept comes from a folder (``path``) or from the micro world (``source: microworld``, which
+renders the concept's images deterministically into a cache folder).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CATEGORIES = ("live_subject", "object", "style", "scene")
+
+# Default evaluation prompts per category; {token} and {class} are filled in. The object and
+# live-subject lists follow DreamBooth's prompts (google/dreambooth, CC-BY-4.0).
+DEFAULT_PROMPTS: dict[str, list[str]] = {
+    "object": [
+        "a {token} {class} in the jungle",
+        "a {token} {class} in the snow",
+        "a {token} {class} on the beach",
+        "a {token} {class} on a cobblestone street",
+        "a {token} {class} on top of pink fabric",
+        "a {token} {class} with a city in the background",
+        "a red {token} {class}",
+        "a {token} {class} floating on top of water",
+    ],
+    "live_subject": [
+        "a {token} {class} in the jungle",
+        "a {token} {class} in the snow",
+        "a {token} {class} on the beach",
+        "a {token} {class} wearing a red hat",
+        "a {token} {class} in a chef outfit",
+        "a {token} {class} with a city in the background",
+        "a {token} {class} sleeping",
+        "a {token} {class} in a purple wizard outfit",
+    ],
+    "style": [
+        "a painting of a dog in {token} {class}",
+        "a painting of a mountain village in {token} {class}",
+        "a portrait of a woman in {token} {class}",
+        "a bowl of fruit in {token} {class}",
+    ],
+    "scene": [
+        "a dog in front of the {token} {class}",
+        "the {token} {class} at night",
+        "the {token} {class} in the snow",
+        "a car parked next to the {token} {class}",
+    ],
+}
+
+
+class ConceptError(ValueError):
+    """A concept entry of the config is wrong; the message names the field and the fix."""
+
+
+@dataclass
+class Concept:
+    name: str
+    token: str
+    class_name: str
+    category: str = "object"
+    path: Path | None = None
+    source: str = "folder"  # "folder" or "microworld"
+    caption_template: str = "photo of a {token} {class}"
+    prompts: list[str] | None = None
+    init_word: str | None = None  # word whose embedding initialises the token; default: class noun
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ files
+    def folder(self, cache_dir: str | os.PathLike | None = None) -> Path:
+        """The concept's image folder (rendered first for micro-world concepts)."""
+        if self.source == "microworld":
+            from .microworld.concepts import materialize
+
+            root = Path(cache_dir or os.environ.get("CNS_CACHE", Path.home() / ".cache" / "cns_lightning")) / "microworld"
+            return materialize(self.name, root)
+        if self.path is None:
+            raise ConceptError(f"concept {self.name!r}: no `path` given; set data.concepts[i].path to a folder of images")
+        return Path(os.path.expanduser(str(self.path)))
+
+    def image_paths(self, cache_dir=None) -> list[Path]:
+        from .images import list_images
+
+        return list_images(self.folder(cache_dir))
+
+    def captions(self, cache_dir=None) -> list[str]:
+        """One caption per image, with the modifier token written in."""
+        from .images import read_captions
+
+        folder = self.folder(cache_dir)
+        images = self.image_paths(cache_dir)
+        raw = read_captions(folder, images) or [self.caption_template] * len(images)
+        return [self.fill(bind_token(c, self.class_name)) for c in raw]
+
+    # ---------------------------------------------------------------- prompts
+    def fill(self, template: str, with_token: bool = True) -> str:
+        """Fill ``{token}``/``{class}``; ``with_token=False`` drops the token (CLIP-T's prompt)."""
+        text = template.replace("{class}", self.class_name)
+        text = text.replace("{token}", self.token if with_token else "")
+        return re.sub(r"\s+", " ", text).strip()
+
+    def eval_prompts(self) -> list[str]:
+        """Evaluation prompt templates ({token}/{class} placeholders) for this concept."""
+        if self.prompts:
+            return list(self.prompts)
+        return list(DEFAULT_PROMPTS[self.category])
+
+    def class_prompt(self) -> str:
+        """Prior-preservation prompt: the class noun without the token."""
+        return self.fill(self.caption_template, with_token=False)
+
+
+def bind_token(caption: str, class_name: str) -> str:
+    """Make sure ``caption`` holds ``{token}``: bind it to the class noun or put it in front."""
+    if "{token}" in caption:
+        return caption
+    pattern = re.compile(rf"\b{re.escape(class_name)}\b", re.IGNORECASE)
+    if pattern.search(caption):
+        return pattern.sub(lambda m: "{token} " + m.group(0), caption, count=1)
+    return "{token} " + class_name + ", " + caption
+
+
+def concept_from_config(entry: Any, index: int) -> Concept:
+    """Build a Concept from one ``data.concepts`` entry (a dict-like from Hydra)."""
+    d = dict(entry)
+    where = f"data.concepts[{index}]"
+    for key in ("name", "class_name"):
+        if not d.get(key):
+            raise ConceptError(f"{where}: missing `{key}`; every concept needs a name and a class noun (e.g. class_name: dog)")
+    d.setdefault("token", f"<new{index + 1}>")
+    category = d.get("category", "object")
+    if category not in CATEGORIES:
+        raise ConceptError(f"{where}.category={category!r}: choose one of {', '.join(CATEGORIES)}")
+    source = d.get("source", "folder")
+    if source not in ("folder", "microworld"):
+        raise ConceptError(f"{where}.source={source!r}: choose 'folder' (with path: ...) or 'microworld'")
+    if source == "folder" and not d.get("path"):
+        raise ConceptError(f"{where} ({d['name']}): set `path` to a folder of images, or `source: microworld`")
+    known = {f for f in Concept.__dataclass_fields__}
+    extra = {k: v for k, v in d.items() if k not in known}
+    kwargs = {k: v for k, v in d.items() if k in known and k != "extra"}
+    if kwargs.get("path") is not None:
+        kwargs["path"] = Path(str(kwargs["path"]))
+    if kwargs.get("prompts") is not None:
+        kwargs["prompts"] = [str(p) for p in kwargs["prompts"]]
+    return Concept(**kwargs, extra=extra)
+
+
+def concepts_from_config(entries: Any) -> list[Concept]:
+    """All concepts of a sequence, checking that tokens and names are unique."""
+    if not entries:
+        raise ConceptError("data.concepts is empty: list at least one concept (see conf/experiment/seq7.yaml)")
+    concepts = [concept_from_config(e, i) for i, e in enumerate(entries)]
+    for attr in ("name", "token"):
+        seen: dict[str, int] = {}
+        for i, c in enumerate(concepts):
+            v = getattr(c, attr)
+            if v in seen:
+                raise ConceptError(
+                    f"data.concepts[{i}].{attr}={v!r} is used twice (also data.concepts[{seen[v]}]); "
+                    f"give every concept its own {attr}"
+                )
+            seen[v] = i
+    return concepts

@@ -1,0 +1,224 @@
+"""The continual loop: concepts 1..T, one Lightning ``fit`` each, into one model.
+
+Read ``run`` top to bottom: build the base model, add every concept's token, generate (or reuse)
+prior images with the base model, restore completed stages, then for each remaining concept:
+select its neurons (Eq. 3-6, or an ablation), register its masks, train, save the stage,
+evaluate. Re-running the same command resumes after the last completed stage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .checkpoint import save_json
+from .concepts import Concept, concepts_from_config
+from .data import ConceptDataModule
+from .module import CNSModule, NonFiniteLossError
+from .prior import model_fingerprint, prior_images
+from .selection import SelectionConfig, encode_norms, mask_stats, random_like_counts, select_concept_neurons
+from .state import apply_stage, completed_stages, save_stage, stage_dir
+from .tokens import add_concept_tokens
+
+NEURON_RULES = ("concept", "random", "all", "none")
+# Config parts that define a run: a folder holding a run with other values is not resumed.
+IDENTITY_KEYS = ("model", "data", "method", "seed", "prior", "calibration")
+
+
+class RunError(RuntimeError):
+    """A run cannot go on; the message says why and what to do."""
+
+
+def stage_key(index: int) -> str:
+    return f"c{index + 1:02d}"
+
+
+def calibration_prompts(cfg: DictConfig) -> list[str]:
+    """The K calibration prompts of Eq. 5: an explicit list, a file, or the shipped PartiPrompts 20."""
+    c = cfg.calibration
+    if c.get("prompts"):
+        prompts = [str(p) for p in c.prompts]
+    else:
+        path = Path(c.prompts_file) if c.get("prompts_file") else Path(__file__).parent / "data" / "calib20_parti.txt"
+        if not path.is_file():
+            raise RunError(f"calibration.prompts_file={str(path)!r} does not exist; give a text file with one prompt per line")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    k = int(c.get("num_prompts") or len(prompts))
+    if len(prompts) < k:
+        raise RunError(f"calibration: {len(prompts)} prompts found but calibration.num_prompts={k}; add prompts or lower it")
+    return prompts[:k]
+
+
+def check_run_folder(run_dir: Path, cfg: DictConfig) -> None:
+    """Write the run's defining config, or check that an existing run folder was made with it."""
+    identity = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in IDENTITY_KEYS if k in cfg}
+    path = run_dir / "run_identity.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        if diff:
+            raise RunError(
+                f"{run_dir} holds a run made with other settings ({', '.join(diff)} differ), so it cannot be resumed. "
+                "Give this run its own folder (e.g. name=my_variant or hydra.run.dir=...), or delete that folder to start over."
+            )
+        return
+    save_json(path, identity)
+
+
+def select_masks(method: DictConfig, module: CNSModule, concept: Concept, captions: list[str], calib_norms, sel_cfg: SelectionConfig, seed: int):
+    """The concept's masks per the method: CNS (Eq. 3-6), random neurons, all K/V, or none."""
+    kv = {n: p.detach() for n, p in module.kv().items()}
+    rule = method.neurons
+    if rule in ("concept", "random"):
+        caption_norms = encode_norms(module.text_encoder, module.tokenizer, captions, sel_cfg.tokens)
+        masks, stats = select_concept_neurons(kv, caption_norms, calib_norms, sel_cfg)
+        if rule == "random":
+            masks = random_like_counts(masks, seed)
+            stats = dict(mask_stats(masks), cns_statistics=stats["total"], rule="random, same count per layer as CNS")
+        return masks, stats
+    fill = rule == "all"
+    masks = {n: torch.full(w.shape, fill, dtype=torch.bool, device=w.device) for n, w in kv.items()}
+    return masks, dict(mask_stats(masks), rule=rule)
+
+
+def make_loggers(cfg: DictConfig) -> list:
+    if not cfg.get("logger"):
+        return []
+    return [instantiate(v) for v in cfg.logger.values() if v is not None and "_target_" in v]
+
+
+def make_evaluator(cfg: DictConfig, run_dir: Path, concepts: list[Concept], device):
+    ev_cfg = cfg.get("eval")
+    if not ev_cfg or not ev_cfg.get("enabled", True):
+        return None
+    evaluator = instantiate(ev_cfg)
+    evaluator.setup(run_dir, concepts, device)
+    return evaluator
+
+
+def run(cfg: DictConfig) -> dict:
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    concepts = concepts_from_config(cfg.data.concepts)
+    method = cfg.method
+    if method.neurons not in NEURON_RULES:
+        raise RunError(f"method.neurons={method.neurons!r}: choose one of {NEURON_RULES}")
+    sel_cfg = SelectionConfig(**OmegaConf.to_container(method.selection, resolve=True))
+    check_run_folder(run_dir, cfg)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    cache_dir = str(cfg.paths.cache_dir)
+
+    # 1. the base model and every concept's token
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    pipe = instantiate(cfg.model)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    pipe.to(device)
+    fingerprint = model_fingerprint(pipe)
+    token_ids = add_concept_tokens(pipe.tokenizer, pipe.text_encoder, concepts)
+    resolution = int(cfg.data.resolution)
+
+    # 2. prior-preservation images from the base model (cached on disk across runs)
+    priors = {}
+    if cfg.prior.enabled:
+        for c in concepts:
+            priors[c.name] = prior_images(
+                pipe, c.class_prompt(), int(cfg.prior.num_images), cache_dir, seed=int(cfg.seed), resolution=resolution,
+                num_inference_steps=int(cfg.prior.num_inference_steps), guidance_scale=float(cfg.prior.guidance_scale),
+                batch_size=int(cfg.prior.batch_size), fingerprint=fingerprint,
+            )
+
+    # 3. the module, the calibration norms (Eq. 5 needs them once: the text encoder stays fixed
+    #    but for the new tokens), and the stages already completed
+    module = CNSModule(
+        pipe, lr_neurons=method.lr_neurons, lr_token=method.lr_token, prior_weight=method.prior_weight,
+        lambda1=method.lambda1, lambda2=method.lambda2, nan_check_every=cfg.get("nan_check_every", 1),
+        log_every=cfg.trainer.get("log_every_n_steps", 10),
+    )
+    calib_norms = encode_norms(pipe.text_encoder, pipe.tokenizer, calibration_prompts(cfg), sel_cfg.tokens)
+    names = [c.name for c in concepts]
+    done = completed_stages(run_dir, names) if cfg.get("resume", True) else []
+    all_masks: list[dict[str, torch.Tensor]] = []
+    for i, stage in enumerate(done):
+        module.add_masks(stage_key(i), stage["masks"])
+        all_masks.append(module.concept_masks(stage_key(i)))
+        with torch.no_grad():
+            pipe.text_encoder.get_input_embeddings().weight[token_ids[names[i]]] = stage["token"].to(device)
+        module.step_offset += int(stage["info"].get("steps", 0))
+    if done:
+        apply_stage(module.kv(), module.kv_initial(), all_masks, done[-1]["kv"])
+        print(f"[cns] resuming {run_dir}: stages 1-{len(done)} complete, continuing with stage {len(done) + 1}")
+
+    loggers = make_loggers(cfg)
+    evaluator = make_evaluator(cfg, run_dir, concepts, device)
+    if evaluator is not None and not done:
+        evaluator.before_training(pipe)
+
+    # 4. the continual sequence
+    stages_info = [s["info"] for s in done]
+    for m, concept in enumerate(concepts):
+        if m < len(done):
+            continue
+        L.seed_everything(int(cfg.seed) + m, workers=True, verbose=False)  # each stage reproducible alone
+        t0 = time.time()
+        captions = concept.captions(cache_dir)
+        masks, selection = select_masks(method, module, concept, captions, calib_norms, sel_cfg, int(cfg.seed) + m)
+        module.add_masks(stage_key(m), masks)
+        all_masks.append(module.concept_masks(stage_key(m)))
+        module.begin_stage(stage_key(m), [token_ids[concept.name]], earlier=[stage_key(i) for i in range(m)], train_kv=method.neurons != "none")
+        datamodule = ConceptDataModule(
+            concept, pipe.tokenizer, resolution, steps=int(method.steps), batch_size=int(cfg.data.batch_size),
+            prior_images=priors.get(concept.name), prior_prompt=concept.class_prompt(), vae=pipe.vae,
+            cache_latents=bool(cfg.data.cache_latents), random_crop=bool(cfg.data.random_crop), flip_p=float(cfg.data.flip_p),
+            num_workers=int(cfg.data.num_workers), seed=int(cfg.seed) + m, cache_dir=cache_dir,
+        )
+        trainer = instantiate(cfg.trainer, max_steps=int(method.steps), logger=loggers or False)
+        try:
+            trainer.fit(module, datamodule=datamodule)
+        except NonFiniteLossError as e:
+            module.end_stage()
+            save_json(run_dir / "summary.json", summary(cfg, concepts, stages_info, status=f"stopped at stage {m + 1}: {e}"))
+            raise RunError(
+                f"{e}. Stages 1-{m} are saved and intact in {run_dir / 'stages'}; lower method.lr_neurons / "
+                "method.lr_token or check the data, then rerun the same command to resume from stage "
+                f"{m + 1}."
+            ) from e
+        module.end_stage()
+        module.step_offset += trainer.global_step
+        info = dict(
+            concept=concept.name, token=concept.token, token_id=token_ids[concept.name], class_name=concept.class_name,
+            category=concept.category, stage=m + 1, steps=trainer.global_step, seconds=round(time.time() - t0, 2),
+            method=method.name, concept_entries=int(sum(int(x.sum()) for x in masks.values())),
+        )
+        save_stage(
+            stage_dir(run_dir, m, concept.name), dict(module.kv()), all_masks,
+            pipe.text_encoder.get_input_embeddings().weight[token_ids[concept.name]], selection, info,
+        )
+        stages_info.append(info)
+        if evaluator is not None:
+            metrics = evaluator.after_stage(pipe, m + 1, concepts[: m + 1])
+            for lg in loggers:
+                lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=module.step_offset)
+        save_json(run_dir / "summary.json", summary(cfg, concepts, stages_info, status=f"stage {m + 1} of {len(concepts)} done"))
+
+    if evaluator is not None:
+        evaluator.finish(pipe, concepts)
+    result = summary(cfg, concepts, stages_info, status="complete")
+    save_json(run_dir / "summary.json", result)
+    for lg in loggers:
+        if hasattr(lg, "finalize"):
+            lg.finalize("success")
+    return result
+
+
+def summary(cfg: DictConfig, concepts: list[Concept], stages: list[dict], status: str) -> dict:
+    return dict(
+        name=str(cfg.get("name", "")), method=str(cfg.method.name), seed=int(cfg.seed), model=str(cfg.model.get("name", "")),
+        concepts=[dict(name=c.name, token=c.token, class_name=c.class_name, category=c.category) for c in concepts],
+        stages=stages, status=status,
+    )

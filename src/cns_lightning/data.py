@@ -1,0 +1,137 @@
+"""The LightningDataModule: one concept's images and captions, paired with prior images.
+
+Every sample is one concept image (with its caption, token written in) and one prior image of
+the concept's class (with the class prompt). Images are resized on their short side, centre-
+(or randomly) cropped to ``resolution`` and flipped with probability ``flip_p``. When the crop is
+deterministic the VAE posterior (mean, std) of every image and of its mirror image is computed
+once (``cache_latents``) and each step samples from it, which is what encoding every step would
+do, at none of the cost.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from .concepts import Concept
+from .images import load_image
+
+
+def to_tensor(img: Image.Image, resolution: int, random_crop: bool = False, rng: np.random.Generator | None = None) -> torch.Tensor:
+    """Resize the short side to ``resolution``, crop a square, scale to [-1, 1] (3 x H x W)."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    if random_crop and rng is not None:
+        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
+    else:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+
+class PairedDataset(Dataset):
+    """Concept image i (and its caption) with prior image j; pixels or cached latents."""
+
+    def __init__(self, instance: dict, prior: dict | None, flip_p: float, random_crop: bool, resolution: int, seed: int):
+        self.instance, self.prior = instance, prior
+        self.flip_p, self.random_crop, self.resolution = flip_p, random_crop, resolution
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.instance["ids"])
+
+    def _item(self, part: dict, i: int, prefix: str, rng: np.random.Generator) -> dict:
+        flip = bool(rng.random() < self.flip_p)
+        out = {f"{prefix}_input_ids": part["ids"][i % len(part["ids"])]}
+        i = i % len(part["ids"])
+        if "mean" in part:
+            out[f"{prefix}_mean"] = part["mean"][int(flip)][i]
+            out[f"{prefix}_std"] = part["std"][int(flip)][i]
+        else:
+            x = to_tensor(part["images"][i], self.resolution, self.random_crop, rng)
+            out[f"{prefix}_pixels"] = torch.flip(x, dims=[2]) if flip else x
+        return out
+
+    def __getitem__(self, idx: int) -> dict:
+        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,))))
+        item = self._item(self.instance, idx, "instance", rng)
+        if self.prior is not None:
+            j = int(rng.integers(0, len(self.prior["ids"])))
+            item.update(self._item(self.prior, j, "prior", rng))
+        return item
+
+
+class ConceptDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        concept: Concept,
+        tokenizer,
+        resolution: int,
+        steps: int,
+        batch_size: int = 2,
+        prior_images: list[Path] | None = None,
+        prior_prompt: str | None = None,
+        vae=None,
+        cache_latents: bool = True,
+        random_crop: bool = False,
+        flip_p: float = 0.5,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        self.concept, self.tokenizer, self.resolution = concept, tokenizer, int(resolution)
+        self.steps, self.batch_size = int(steps), int(batch_size)
+        self.prior_images, self.prior_prompt = prior_images, prior_prompt
+        self.vae, self.cache_latents = vae, cache_latents and not random_crop and vae is not None
+        self.random_crop, self.flip_p, self.num_workers, self.seed = random_crop, float(flip_p), int(num_workers), seed
+        self.cache_dir = cache_dir
+        self.dataset: PairedDataset | None = None
+
+    def _part(self, images: list[Image.Image], captions: list[str]) -> dict:
+        part = {"ids": tokenize(self.tokenizer, captions)}
+        if not self.cache_latents:
+            part["images"] = images
+            return part
+        x = torch.stack([to_tensor(im, self.resolution) for im in images])
+        device, dtype = next(self.vae.parameters()).device, next(self.vae.parameters()).dtype
+        means, stds = [], []
+        with torch.no_grad():
+            for variant in (x, torch.flip(x, dims=[3])):
+                dist = self.vae.encode(variant.to(device, dtype)).latent_dist
+                means.append(dist.mean.float().cpu())
+                stds.append(dist.std.float().cpu())
+        part["mean"], part["std"] = means, stds
+        return part
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        paths = self.concept.image_paths(self.cache_dir)
+        images = [load_image(p, min_side=self.resolution // 4) for p in paths]
+        instance = self._part(images, self.concept.captions(self.cache_dir))
+        prior = None
+        if self.prior_images:
+            prior_imgs = [load_image(p) for p in self.prior_images]
+            prior = self._part(prior_imgs, [self.prior_prompt] * len(prior_imgs))
+        self.dataset = PairedDataset(instance, prior, self.flip_p, self.random_crop, self.resolution, self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed)
+        sampler = RandomSampler(self.dataset, replacement=True, num_samples=self.steps * self.batch_size, generator=g)
+        return DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, drop_last=True,
+        )
