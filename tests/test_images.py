@@ -170,17 +170,18 @@ def test_large_jpeg_is_reduced_while_decoding(tmp_path):
     a = np.zeros((1600, 2400, 3), np.uint8)
     a[:, :1200] = 200
     path = _save(Image.fromarray(a), tmp_path / "big.jpg", quality=90)
-    im = load_image(path, min_side=200)
+    im = load_image(path, min_side=100, reduce_to=200)
     assert im.mode == "RGB" and 200 <= min(im.size) < 400
     assert abs(im.size[0] / im.size[1] - 1.5) < 0.02
-    assert load_image(path).size == (2400, 1600)  # without min_side: full size
+    assert load_image(path).size == (2400, 1600)  # without reduce_to: full size
+    assert load_image(path, min_side=200).size == (2400, 1600)  # min_side only validates
 
 
 def test_large_png_is_reduced_by_integer_factor(tmp_path):
     path = _save(Image.new("RGB", (1200, 800), (1, 2, 3)), tmp_path / "big.png")
-    im = load_image(path, min_side=100)
+    im = load_image(path, reduce_to=100)
     assert im.size == (150, 100) and _px(im) == (1, 2, 3)
-    assert load_image(path, min_side=500).size == (1200, 800)  # < 2x: untouched
+    assert load_image(path, reduce_to=500).size == (1200, 800)  # < 2x: untouched
 
 
 def test_image_smaller_than_min_side(tmp_path):

@@ -94,7 +94,11 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def load_image(
-    path: Path, *, min_side: int | None = None, max_pixels: int = 40_000_000
+    path: Path,
+    *,
+    min_side: int | None = None,
+    max_pixels: int = 40_000_000,
+    reduce_to: int | None = None,
 ) -> Image.Image:
     """Load one image as a fully loaded 8-bit ``RGB`` ``PIL.Image.Image``.
 
@@ -105,10 +109,11 @@ def load_image(
     * Images with more than ``max_pixels`` pixels are refused (decompression-bomb guard, checked
       from the header before decoding; independent of ``PIL.Image.MAX_IMAGE_PIXELS``, whose own
       refusal is also turned into an :class:`ImageInputError`).
-    * ``min_side``: an image whose short side is below it is refused. An image at least twice as
-      large is reduced while decoding (JPEG DCT scaling via ``draft``, then an integer box
-      ``reduce``) so that its short side stays >= ``min_side``: the caller resizes to the final
-      resolution anyway, and huge photos then cost little memory and time.
+    * ``min_side``: an image whose short side is below it is refused (validation only).
+    * ``reduce_to`` (e.g. the training resolution): an image whose short side is at least twice
+      that is reduced while decoding (JPEG DCT scaling via ``draft``, then an integer box
+      ``reduce``) so that its short side stays >= ``reduce_to``; the caller resizes to the final
+      resolution anyway, and huge photos then cost little memory and time. ``None``: full size.
     * Missing, empty, non-image, truncated or corrupt files raise :class:`ImageInputError`;
       truncated files raise even if ``ImageFile.LOAD_TRUNCATED_IMAGES`` was switched on elsewhere.
     """
@@ -149,11 +154,11 @@ def load_image(
                         stacklevel=2,
                     )
                     im.seek(0)
-                if min_side is not None and short >= 2 * min_side:  # no-op unless JPEG/MPO
-                    im.draft("RGB", (width * min_side // short, height * min_side // short))
+                if reduce_to and short >= 2 * reduce_to:  # draft is a no-op unless JPEG/MPO
+                    im.draft("RGB", (width * reduce_to // short, height * reduce_to // short))
                 im.load()
                 out = ImageOps.exif_transpose(im)
-                factor = min(out.size) // min_side if min_side else 1
+                factor = min(out.size) // reduce_to if reduce_to else 1
                 if factor >= 2:
                     out = out.reduce(factor)
                 out = _to_rgb(out)
