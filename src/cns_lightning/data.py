@@ -120,11 +120,11 @@ class ConceptDataModule(L.LightningDataModule):
         if self.dataset is not None:
             return
         paths = self.concept.image_paths(self.cache_dir)
-        images = [load_image(p, min_side=self.resolution // 4) for p in paths]
+        images = [load_image(p, min_side=self.resolution // 4, reduce_to=self.resolution) for p in paths]
         instance = self._part(images, self.concept.captions(self.cache_dir))
         prior = None
         if self.prior_images:
-            prior_imgs = [load_image(p) for p in self.prior_images]
+            prior_imgs = [load_image(p, reduce_to=self.resolution) for p in self.prior_images]
             prior = self._part(prior_imgs, [self.prior_prompt] * len(prior_imgs))
         self.dataset = PairedDataset(instance, prior, self.flip_p, self.random_crop, self.resolution, self.seed)
 

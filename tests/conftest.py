@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random pipelines, concept folders of generated images, the Hydra CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_concept_folder(folder: Path, n: int = 3, seed: int = 0, size: int = 48, captions: list[str] | None = None) -> Path:
+    """A concept folder of ``n`` distinct random RGB images (and optional .txt captions)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=3)
+    for i in range(n):
+        arr = np.clip(base + rng.normal(0, 40, size=(size, size, 3)), 0, 255).astype("uint8")
+        Image.fromarray(arr).save(folder / f"{i:02d}.png")
+        if captions:
+            (folder / f"{i:02d}.txt").write_text(captions[i % len(captions)])
+    return folder
+
+
+@pytest.fixture
+def concept_dirs(tmp_path) -> list[Path]:
+    return [make_concept_folder(tmp_path / "data" / name, n=3, seed=k) for k, name in enumerate(["teddy", "mug", "vase"])]
+
+
+@pytest.fixture
+def env(tmp_path) -> dict:
+    """Environment for CLI runs: outputs and caches under tmp_path."""
+    e = dict(os.environ)
+    e.update(CNS_CACHE=str(tmp_path / "cache"), CNS_OUTPUT=str(tmp_path / "out"), WANDB_MODE="offline", HYDRA_FULL_ERROR="0")
+    return e
+
+
+def concepts_override(dirs: list[Path], classes=("teddy bear", "mug", "vase")) -> str:
+    items = [f"{{name:{d.name},class_name:'{c}',path:'{d}'}}" for d, c in zip(dirs, classes)]
+    return "data.concepts=[" + ",".join(items) + "]"
+
+
+FAST = [
+    "method.steps=4",
+    "prior.num_images=2",
+    "prior.num_inference_steps=2",
+    "trainer.enable_progress_bar=false",
+    "++eval.enabled=false",
+]
+
+
+def run_cli(args: list[str], env: dict, module: str = "cns_lightning", check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
+    return proc

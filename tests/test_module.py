@@ -1,0 +1,105 @@
+"""A training stage changes only the concept mask's K/V entries and the concept's own token: bit-exact."""
+
+import lightning as L
+import pytest
+import torch
+
+from cns_lightning.concepts import Concept
+from cns_lightning.data import ConceptDataModule
+from cns_lightning.models import build_random_pipeline, cross_attention_kv
+from cns_lightning.module import CNSModule
+from cns_lightning.tokens import add_concept_tokens
+
+from conftest import make_concept_folder
+
+
+def _snapshot(pipe):
+    return {f"unet.{n}": p.detach().clone() for n, p in pipe.unet.named_parameters()} | {
+        f"text.{n}": p.detach().clone() for n, p in pipe.text_encoder.named_parameters()
+    } | {f"vae.{n}": p.detach().clone() for n, p in pipe.vae.named_parameters()}
+
+
+def _stage(tmp_path, pipe, module, concepts, ids, m, masks, steps=6):
+    module.add_masks(f"c{m}", masks)
+    module.begin_stage(f"c{m}", [ids[concepts[m].name]], earlier=[f"c{i}" for i in range(m)])
+    dm = ConceptDataModule(concepts[m], pipe.tokenizer, 32, steps=steps, batch_size=2, vae=pipe.vae, seed=m,
+                           prior_images=concepts[m].image_paths(), prior_prompt="a toy")
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    module.end_stage()
+
+
+@pytest.fixture
+def setup(tmp_path):
+    torch.manual_seed(0)
+    pipe = build_random_pipeline("tiny")
+    concepts = [
+        Concept(name=f"c{i}", token=f"<new{i + 1}>", class_name="toy", path=make_concept_folder(tmp_path / f"c{i}", seed=i))
+        for i in range(2)
+    ]
+    ids = add_concept_tokens(pipe.tokenizer, pipe.text_encoder, concepts)
+    module = CNSModule(pipe, lr_neurons=1e-2, lr_token=1e-2, lambda1=1.0, lambda2=1.0)
+    return pipe, module, concepts, ids
+
+
+def _random_masks(pipe, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(p.shape, generator=g) < density for n, p in cross_attention_kv(pipe.unet).items()}
+
+
+def test_stage_changes_only_masked_entries_and_own_token(tmp_path, setup):
+    pipe, module, concepts, ids = setup
+    masks0 = _random_masks(pipe, 0.2, 0)
+    _stage(tmp_path, pipe, module, concepts, ids, 0, masks0)
+    masks1 = _random_masks(pipe, 0.2, 1)  # overlaps masks0: L_reg is active
+    before = _snapshot(pipe)
+    _stage(tmp_path, pipe, module, concepts, ids, 1, masks1)
+    after = _snapshot(pipe)
+    kv_names = {f"unet.{n}" for n in cross_attention_kv(pipe.unet)}
+    emb_name = "text." + next(n for n, p in pipe.text_encoder.named_parameters() if p is pipe.text_encoder.get_input_embeddings().weight)
+    changed_inside = 0
+    for name, b in before.items():
+        a = after[name]
+        if name in kv_names:
+            m = masks1[name[len("unet."):]]
+            assert torch.equal(a[~m], b[~m]), f"{name}: an entry outside the concept mask changed"
+            changed_inside += int((a[m] != b[m]).sum())
+        elif name == emb_name:
+            own = ids[concepts[1].name]
+            rows = torch.ones(a.shape[0], dtype=torch.bool)
+            rows[own] = False
+            assert torch.equal(a[rows], b[rows]), "another token embedding changed"
+            assert not torch.equal(a[own], b[own]), "the concept's own token did not train"
+        else:
+            assert torch.equal(a, b), f"{name} changed but is not trainable"
+    assert changed_inside > 0, "no masked entry trained"
+
+
+def test_masks_are_registered_buffers_in_state_dict(setup):
+    pipe, module, concepts, ids = setup
+    masks = _random_masks(pipe, 0.1, 0)
+    module.add_masks("c0", masks)
+    sd = module.state_dict()
+    keys = [k for k in sd if k.startswith("masks.c0.")]
+    assert len(keys) == len(masks)
+    for n, m in masks.items():
+        assert torch.equal(sd["masks.c0." + n.replace(".", "__")], m)
+    assert not any(k.startswith("kv_initial") for k in sd), "W_0 is the base model: not persisted"
+
+
+def test_reg_gradient_finite_at_first_step(tmp_path, setup):
+    pipe, module, concepts, ids = setup
+    m = _random_masks(pipe, 0.3, 0)
+    module.add_masks("c0", m)
+    module.add_masks("c1", m)  # full overlap: M = mask_1
+    module.begin_stage("c1", [ids[concepts[1].name]], earlier=["c0"])
+    stage = module._stage
+    from cns_lightning.losses import regularization_loss
+
+    kv = stage["trainable_kv"]
+    loss = regularization_loss({n: kv[n] for n in stage["overlap"]}, stage["previous"], module.kv_initial(), stage["overlap"], 1.0, 1.0)
+    loss.backward()
+    for n in stage["overlap"]:
+        assert torch.isfinite(kv[n].grad).all()
+    module.end_stage()
