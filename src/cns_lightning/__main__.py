@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import hydra
@@ -14,6 +15,12 @@ def config_dir() -> str:
     if os.environ.get("CNS_CONFIG_DIR"):
         return os.environ["CNS_CONFIG_DIR"]
     return str(Path(__file__).resolve().parents[2] / "conf")
+
+
+# Known-harmless notices from Lightning that would drown the run's own output.
+for pattern in (".*LeafSpec.*", ".*modules? in eval mode.*", ".*smaller than the logging interval.*", ".*does not have many workers.*", ".*torchvision.*"):
+    warnings.filterwarnings("ignore", message=pattern)
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")

@@ -73,6 +73,7 @@ class Concept:
     caption_template: str = "photo of a {token} {class}"
     prompts: list[str] | None = None
     init_word: str | None = None  # word whose embedding initialises the token; default: class noun
+    prior_prompt: str | None = None  # prior-preservation prompt; default: caption_template without token
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ files
@@ -115,8 +116,8 @@ class Concept:
         return list(DEFAULT_PROMPTS[self.category])
 
     def class_prompt(self) -> str:
-        """Prior-preservation prompt: the class noun without the token."""
-        return self.fill(self.caption_template, with_token=False)
+        """Prior-preservation prompt (Eq. 8): ``prior_prompt``, else the caption template without token."""
+        return self.fill(self.prior_prompt or self.caption_template, with_token=False)
 
 
 def bind_token(caption: str, class_name: str) -> str:
@@ -129,10 +130,26 @@ def bind_token(caption: str, class_name: str) -> str:
     return "{token} " + class_name + ", " + caption
 
 
+def _microworld_defaults(d: dict, where: str) -> dict:
+    """Fill class, category, prompts and prior prompt of a micro-world concept from its definition."""
+    from .microworld.concepts import CONCEPTS
+
+    if d.get("name") not in CONCEPTS:
+        raise ConceptError(f"{where}.name={d.get('name')!r} is not a micro-world concept; choose one of {', '.join(CONCEPTS)}")
+    mc = CONCEPTS[d["name"]]
+    d.setdefault("class_name", mc.class_name)
+    d.setdefault("category", mc.category)
+    d.setdefault("prompts", list(mc.eval_prompts))
+    d.setdefault("prior_prompt", mc.captions()[0])
+    return d
+
+
 def concept_from_config(entry: Any, index: int) -> Concept:
     """Build a Concept from one ``data.concepts`` entry (a dict-like from Hydra)."""
-    d = dict(entry)
+    d = {k: v for k, v in dict(entry).items() if v is not None}
     where = f"data.concepts[{index}]"
+    if d.get("source") == "microworld":
+        d = _microworld_defaults(d, where)
     for key in ("name", "class_name"):
         if not d.get(key):
             raise ConceptError(f"{where}: missing `{key}`; every concept needs a name and a class noun (e.g. class_name: dog)")

@@ -42,6 +42,10 @@ def stage_key(index: int) -> str:
 def calibration_prompts(cfg: DictConfig) -> list[str]:
     """The K calibration prompts of Eq. 5: an explicit list, a file, or the shipped PartiPrompts 20."""
     c = cfg.calibration
+    if c.get("source") == "microworld":
+        from .microworld.concepts import calibration_prompts as micro_prompts
+
+        return micro_prompts(int(c.get("num_prompts") or 20))
     if c.get("prompts"):
         prompts = [str(p) for p in c.prompts]
     else:
