@@ -18,7 +18,7 @@ def config_dir() -> str:
 
 
 # Known-harmless notices from Lightning that would drown the run's own output.
-for pattern in (".*LeafSpec.*", ".*modules? in eval mode.*", ".*smaller than the logging interval.*", ".*does not have many workers.*", ".*torchvision.*"):
+for pattern in (".*LeafSpec.*", ".*in eval mode at the start of training.*", ".*smaller than the logging interval.*", ".*does not have many workers.*", ".*torchvision.*"):
     warnings.filterwarnings("ignore", message=pattern)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
