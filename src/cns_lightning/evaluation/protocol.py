@@ -1,0 +1,440 @@
+"""The continual-personalization evaluation protocol, called by the training loop.
+
+::
+
+    ev = ContinualEvaluator(**cfg.eval)
+    ev.setup(run_dir, concepts, device)           # loads CLIP and run_dir/eval/state.json if any
+    ev.before_training(pipe)                      # stage 0: the base model
+    for t, concept in enumerate(concepts, 1):
+        ...train concept t...
+        metrics = ev.after_stage(pipe, t, concepts[:t])   # fills row t of the forgetting matrices
+    results = ev.finish(pipe, concepts)           # multi-concept prompts; results.json + report.md
+
+Per stage t every learned concept i <= t is generated on its single-concept prompts (with its
+modifier token) and scored: R_clip_i[t, i] and R_clip_t[t, i] (CLIP-T on the prompt without the
+token). The same seeds are used at every stage (sample k of prompt j: ``seed + 1000 j + k``), so
+the rows differ only by what the model learned or forgot.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..concepts import Concept
+from .forgetting import backward_transfer, forgetting, last_stage, new_matrix
+from .metrics import ClipScorer, DinoScorer, clip_text_score, load_dino, make_clip, per_image_similarity
+from .prompts import DEFAULT_MULTI_PROMPTS, EvalPrompt, default_zero_shot_prompts, multi_prompts, single_prompts, zero_shot
+from .state import EvalState, StateError, atomic_write_json
+from .summary import results_from_state
+
+KNOWN_EXTRA = {
+    "batch_size": 8,  # images per pipeline call
+    "max_pairs": None,  # multi-concept pairs evaluated in finish() (None: all)
+    "thumbnail": 128,  # saved sample images are at most this many px
+    "generator_device": "cpu",  # torch.Generator device; cpu gives the same noise on every device
+    # Seed of the tiny random CLIP (clip_preset=tiny). With seed 3 its random towers give positive
+    # image-text cosines on the tiny pipeline's images, so smoke runs exercise unclamped CLIP-T.
+    "clip_seed": 3,
+    "write_report": True,  # write report.md + figures after every stage
+}
+
+
+def _eval_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "eval"
+
+
+class ContinualEvaluator:
+    """Forgetting matrices, zero-shot and multi-concept scores of a continual run (see module doc)."""
+
+    def __init__(
+        self,
+        clip_path: str | None = None,
+        clip_preset: str | None = "tiny",
+        n_images: int = 2,
+        num_inference_steps: int = 10,
+        guidance_scale: float = 6.0,
+        seed: int = 0,
+        max_prompts: int | None = 4,
+        best_of: int | None = None,
+        zero_shot_prompts: list[str] | None = None,
+        multi_prompts: list[str] | None = None,
+        dino_path: str | None = None,
+        resolution: int | None = None,
+        enabled: bool = True,
+        **kw: Any,
+    ) -> None:
+        unknown = sorted(set(kw) - set(KNOWN_EXTRA))
+        if unknown:
+            raise TypeError(
+                f"eval: unknown key(s) {unknown}; known keys are the ContinualEvaluator arguments and {sorted(KNOWN_EXTRA)}"
+            )
+        if int(n_images) < 1:
+            raise ValueError(f"eval.n_images={n_images}: must be >= 1")
+        if best_of is not None and int(best_of) < 1:
+            raise ValueError(f"eval.best_of={best_of}: must be >= 1 or null")
+        opts = {**KNOWN_EXTRA, **kw}
+        self.clip_path = clip_path
+        self.clip_preset = clip_preset
+        self.n_images = int(n_images)
+        self.best_of = None if best_of is None else int(best_of)
+        # best_of > n_images generates more samples per prompt; "mean" and "best" use the same ones.
+        self.n_samples = max(self.n_images, self.best_of or 0)
+        self.num_inference_steps = int(num_inference_steps)
+        self.guidance_scale = float(guidance_scale)
+        self.seed = int(seed)
+        self.max_prompts = None if max_prompts is None else int(max_prompts)
+        self.zero_shot_prompts = list(zero_shot_prompts) if zero_shot_prompts is not None else default_zero_shot_prompts()
+        self.multi_templates = list(multi_prompts) if multi_prompts is not None else list(DEFAULT_MULTI_PROMPTS)
+        self.dino_path = dino_path
+        self.resolution = None if resolution is None else int(resolution)
+        self.enabled = bool(enabled)
+        self.batch_size = int(opts["batch_size"])
+        self.max_pairs = None if opts["max_pairs"] is None else int(opts["max_pairs"])
+        self.thumbnail = int(opts["thumbnail"])
+        self.generator_device = str(opts["generator_device"])
+        self.clip_seed = int(opts["clip_seed"])
+        self.write_report = bool(opts["write_report"])
+        self.clip: ClipScorer | None = None
+        self.dino: DinoScorer | None = None
+        self.state: EvalState | None = None
+        self.run_dir: Path | None = None
+        self.concepts: list[Concept] = []
+        self._refs: dict[str, dict[str, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ setup
+    def settings(self) -> dict[str, Any]:
+        """What the numbers depend on (stored in the state and in results.json)."""
+        return {
+            "n_images": self.n_images,
+            "best_of": self.best_of,
+            "n_samples": self.n_samples,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "seed": self.seed,
+            "max_prompts": self.max_prompts,
+            "resolution": self.resolution,
+            "zero_shot_prompts": self.zero_shot_prompts[: self.max_prompts] if self.max_prompts else self.zero_shot_prompts,
+            "multi_prompts": self.multi_templates,
+            "generator_device": self.generator_device,
+        }
+
+    @property
+    def state_path(self) -> Path:
+        assert self.run_dir is not None, "call setup() first"
+        return _eval_dir(self.run_dir) / "state.json"
+
+    def setup(self, run_dir: Path, concepts: list[Concept], device) -> None:
+        """Load CLIP (and DINO); continue ``run_dir/eval/state.json`` if a previous run left one."""
+        self.run_dir = Path(run_dir)
+        self.concepts = list(concepts)
+        self.device = torch.device(device)
+        if not self.enabled:
+            return
+        self.clip = make_clip(self.clip_path, self.clip_preset, self.device, seed=self.clip_seed)
+        self.dino = load_dino(self.dino_path, self.device) if self.dino_path else None
+        names = [c.name for c in self.concepts]
+        dino_name = self.dino.name if self.dino else None
+        if self.state_path.exists():
+            st = EvalState.load(self.state_path)
+            self._check_resume(st, names, dino_name)
+            if len(st.concepts) < len(names):  # the sequence was extended: grow the matrices
+                st = self._grow(st, names)
+            self.state = st
+        else:
+            self.state = EvalState.new(names, self.clip.name, self.settings(), dino_model=dino_name)
+
+    def _check_resume(self, st: EvalState, names: list[str], dino_name: str | None) -> None:
+        where = self.state_path
+        if st.clip_model != self.clip.name:
+            raise StateError(
+                f"{where} was measured with CLIP {st.clip_model!r}, this run uses {self.clip.name!r}: the scores would "
+                f"not be comparable. Set eval.clip_path/eval.clip_preset to match, or delete {where} to start afresh."
+            )
+        if st.dino_model != dino_name:
+            raise StateError(f"{where} was measured with DINO {st.dino_model!r}, this run uses {dino_name!r}; match eval.dino_path or delete the file")
+        if names[: len(st.concepts)] != st.concepts:
+            raise StateError(
+                f"{where} holds concepts {st.concepts}, this run's sequence is {names}: a resumed run must keep the order. "
+                f"Use the original data.concepts, or another run folder, or delete {where}."
+            )
+        changed = {k: (st.settings.get(k), v) for k, v in self.settings().items() if st.settings.get(k) != v}
+        if changed:
+            warnings.warn(f"{where}: resuming with changed evaluation settings {changed}; earlier rows used the old ones")
+
+    @staticmethod
+    def _grow(st: EvalState, names: list[str]) -> EvalState:
+        T0, T = len(st.concepts), len(names)
+        for k, R in st.matrices.items():
+            M = new_matrix(T)
+            M[:T0, :T0] = R
+            st.matrices[k] = M
+        for k, v in st.zero_shot.items():
+            st.zero_shot[k] = list(v) + [math.nan] * (T + 1 - len(v))
+        st.concepts = list(names)
+        return st
+
+    def _require(self) -> EvalState:
+        if self.state is None or self.clip is None:
+            raise RuntimeError("ContinualEvaluator: call setup(run_dir, concepts, device) before evaluating")
+        return self.state
+
+    # ------------------------------------------------------------------ generation
+    @contextmanager
+    def _eval_mode(self, pipe):
+        mods = [m for m in (getattr(pipe, n, None) for n in ("unet", "text_encoder", "vae")) if isinstance(m, torch.nn.Module)]
+        modes = [m.training for m in mods]
+        for m in mods:
+            m.eval()
+        try:
+            yield
+        finally:
+            for m, was in zip(mods, modes):
+                m.train(was)
+
+    def generate(self, pipe, prompts: Sequence[str]) -> list[list[Image.Image]]:
+        """``n_samples`` images per prompt; sample k of prompt j always uses seed + 1000 j + k."""
+        jobs = [(j, k) for j in range(len(prompts)) for k in range(self.n_samples)]
+        out: list[list[Image.Image]] = [[] for _ in prompts]
+        with self._eval_mode(pipe), torch.no_grad():
+            for b in range(0, len(jobs), self.batch_size):
+                chunk = jobs[b : b + self.batch_size]
+                gens = [torch.Generator(self.generator_device).manual_seed(self.seed + 1000 * j + k) for j, k in chunk]
+                kwargs = dict(height=self.resolution, width=self.resolution) if self.resolution else {}
+                images = pipe(
+                    prompt=[prompts[j] for j, _ in chunk],
+                    num_inference_steps=self.num_inference_steps,
+                    guidance_scale=self.guidance_scale,
+                    generator=gens,
+                    output_type="pil",
+                    **kwargs,
+                ).images
+                for (j, _), im in zip(chunk, images):
+                    out[j].append(im)
+        return out
+
+    # ------------------------------------------------------------------ scoring
+    def references(self, concept: Concept) -> dict[str, torch.Tensor]:
+        """CLIP (and DINO) embeddings of the concept's reference images (cached)."""
+        if concept.name not in self._refs:
+            from ..images import load_image
+
+            paths = concept.image_paths()
+            if not paths:
+                raise ValueError(f"concept {concept.name!r}: no reference images in {concept.folder()}; CLIP-I needs them")
+            images = [load_image(p) for p in paths]
+            refs = {"clip": self.clip.image_embeddings(images)}
+            if self.dino is not None:
+                refs["dino"] = self.dino.image_embeddings(images)
+            self._refs[concept.name] = refs
+        return self._refs[concept.name]
+
+    def score(self, prompts: Sequence[EvalPrompt], images: list[list[Image.Image]]) -> dict[str, Any]:
+        """Scores of generated images: ``clip_t`` always, ``clip_i``/``dino`` when prompts name concepts.
+
+        Returns ``{metric: mean over all samples, metric + "_best": mean over prompts of the best
+        sample, "prompts": per-prompt details}``. CLIP-T uses ``prompt.clip_text`` (no tokens);
+        multi-concept CLIP-I is the mean over the prompt's concepts.
+        """
+        by_name = {c.name: c for c in self.concepts}
+        P, N = len(prompts), self.n_samples
+        flat = [im for ims in images for im in ims]
+        img = self.clip.image_embeddings(flat).reshape(P, N, -1)
+        txt = self.clip.text_embeddings([p.clip_text for p in prompts])
+        per: dict[str, torch.Tensor] = {"clip_t": torch.stack([clip_text_score(img[j], txt[j].expand(N, -1)) for j in range(P)])}
+        if all(p.concepts for p in prompts):
+            per["clip_i"] = torch.stack(
+                [
+                    torch.stack([per_image_similarity(img[j], self.references(by_name[c])["clip"]) for c in p.concepts]).mean(0)
+                    for j, p in enumerate(prompts)
+                ]
+            )
+            if self.dino is not None:
+                dimg = self.dino.image_embeddings(flat).reshape(P, N, -1)
+                per["dino"] = torch.stack(
+                    [
+                        torch.stack([per_image_similarity(dimg[j], self.references(by_name[c])["dino"]) for c in p.concepts]).mean(0)
+                        for j, p in enumerate(prompts)
+                    ]
+                )
+        out: dict[str, Any] = {}
+        for key, s in per.items():  # s: P x N
+            out[key] = float(s.mean())
+            out[key + "_best"] = float(s.max(dim=1).values.mean())
+        out["prompts"] = [
+            {"prompt": p.generate, "clip_text": p.clip_text, **{k: per[k][j].tolist() for k in per}} for j, p in enumerate(prompts)
+        ]
+        return out
+
+    def _save_samples(self, folder: str, key: str, images: list[list[Image.Image]]) -> list[str]:
+        """First sample of every prompt as a small PNG; returns paths relative to run_dir."""
+        d = _eval_dir(self.run_dir) / "samples" / folder
+        d.mkdir(parents=True, exist_ok=True)
+        rel = []
+        for j, ims in enumerate(images):
+            im = ims[0].copy()
+            im.thumbnail((self.thumbnail, self.thumbnail))
+            path = d / f"{key}_p{j:02d}.png"
+            im.save(path)
+            rel.append(str(path.relative_to(self.run_dir)))
+        return rel
+
+    def _evaluate(self, pipe, prompts: list[EvalPrompt], folder: str, key: str) -> dict[str, Any]:
+        images = self.generate(pipe, [p.generate for p in prompts])
+        res = self.score(prompts, images)
+        res["samples"] = self._save_samples(folder, key, images)
+        return res
+
+    # ------------------------------------------------------------------ the protocol
+    def before_training(self, pipe) -> dict[str, float]:
+        """Stage 0: zero-shot CLIP-T, and per concept the base model on its class prompts (no token)."""
+        if not self.enabled:
+            return {}
+        st = self._require()
+        if st.stages_done or st.base:
+            if st.stages_done:
+                warnings.warn(f"{self.state_path}: resumed after stage {max(st.stages_done)}; keeping the stored base-model scores")
+            return self._base_metrics()
+        base: dict[str, Any] = {k: {} for k in ("clip_i", "clip_t", "clip_i_best", "clip_t_best")}
+        samples: dict[str, list[str]] = {}
+        details: dict[str, Any] = {}
+        for c in self.concepts:
+            res = self._evaluate(pipe, single_prompts(c, self.max_prompts, with_token=False), "stage_00", c.name)
+            for k in base:
+                base[k][c.name] = res[k]
+            samples[c.name] = res["samples"]
+            details[c.name] = res["prompts"]
+        zs = self._evaluate(pipe, zero_shot(self.zero_shot_prompts, self.max_prompts), "stage_00", "zero_shot")
+        samples["zero_shot"] = zs["samples"]
+        base["zero_shot_clip_t"] = zs["clip_t"]
+        base["zero_shot_clip_t_best"] = zs["clip_t_best"]
+        st.base = base
+        st.zero_shot["mean"][0] = zs["clip_t"]
+        st.zero_shot["best"][0] = zs["clip_t_best"]
+        st.samples["0"] = samples
+        self._save_details(0, {**details, "zero_shot": zs["prompts"]})
+        st.save(self.state_path)
+        return self._base_metrics()
+
+    def _base_metrics(self) -> dict[str, float]:
+        b = self.state.base
+        out = {f"eval/base/{k}/{n}": v for k in ("clip_i", "clip_t") for n, v in b.get(k, {}).items()}
+        if "zero_shot_clip_t" in b:
+            out["eval/zero_shot_clip_t"] = b["zero_shot_clip_t"]
+            out["eval/zero_shot_clip_t_best"] = b["zero_shot_clip_t_best"]
+        return out
+
+    def after_stage(self, pipe, stage: int, learned: list[Concept]) -> dict[str, float]:
+        """Stage ``stage`` (1-based): score every learned concept; fill row ``stage`` of the matrices."""
+        if not self.enabled:
+            return {}
+        st = self._require()
+        names = [c.name for c in learned]
+        if not 1 <= stage <= st.n:
+            raise ValueError(f"after_stage(stage={stage}): stages are 1..{st.n} for a sequence of {st.n} concepts")
+        if names != st.concepts[:stage]:
+            raise ValueError(
+                f"after_stage(stage={stage}) got concepts {names}; expected the first {stage} of the sequence {st.concepts}"
+            )
+        row = stage - 1
+        samples: dict[str, list[str]] = {}
+        details: dict[str, Any] = {}
+        for i, c in enumerate(learned):
+            res = self._evaluate(pipe, single_prompts(c, self.max_prompts), f"stage_{stage:02d}", c.name)
+            for k, M in st.matrices.items():
+                M[row, i] = res[k]
+            samples[c.name] = res["samples"]
+            details[c.name] = res["prompts"]
+        zs = self._evaluate(pipe, zero_shot(self.zero_shot_prompts, self.max_prompts), f"stage_{stage:02d}", "zero_shot")
+        samples["zero_shot"] = zs["samples"]
+        st.zero_shot["mean"][stage] = zs["clip_t"]
+        st.zero_shot["best"][stage] = zs["clip_t_best"]
+        st.samples[str(stage)] = samples
+        if stage not in st.stages_done:
+            st.stages_done.append(stage)
+        self._save_details(stage, {**details, "zero_shot": zs["prompts"]})
+        st.save(self.state_path)
+        if self.write_report:
+            from .report import write_report
+
+            write_report(self.run_dir, st)
+        return self.stage_metrics(stage)
+
+    def stage_metrics(self, stage: int) -> dict[str, float]:
+        """Flat metrics of one evaluated stage, for the loggers."""
+        st = self._require()
+        row = stage - 1
+        out: dict[str, float] = {"eval/stage": float(stage)}
+        for k, M in st.matrices.items():
+            for i, n in enumerate(st.concepts[:stage]):
+                out[f"eval/{k}/{n}"] = float(M[row, i])
+            out[f"eval/{k}"] = float(np.mean(M[row, :stage]))
+        for i, n in enumerate(st.concepts[:stage]):
+            base = st.base.get("clip_i", {}).get(n)
+            if base is not None:
+                out[f"eval/clip_i_gain/{n}"] = float(st.matrices["clip_i"][row, i] - base)
+        out["eval/zero_shot_clip_t"] = st.zero_shot["mean"][stage]
+        out["eval/zero_shot_clip_t_best"] = st.zero_shot["best"][stage]
+        if stage >= 2 and last_stage(st.matrices["clip_i"]) == stage:
+            out["eval/forgetting/clip_i"] = forgetting(st.matrices["clip_i"])
+            out["eval/bwt/clip_i"] = backward_transfer(st.matrices["clip_i"])
+        return out
+
+    def finish(self, pipe, concepts: list[Concept]) -> dict:
+        """Multi-concept prompts over pairs of learned concepts; writes eval/results.json and report.md."""
+        if not self.enabled:
+            return {}
+        st = self._require()
+        T = last_stage(st.matrices["clip_i"])
+        learned = [c for c in concepts if c.name in st.concepts[:T]]
+        pairs = list(itertools.combinations(learned, 2))
+        if self.max_pairs is not None:
+            pairs = pairs[: self.max_pairs]
+        if pairs:
+            rows = []
+            for a, b in pairs:
+                res = self._evaluate(pipe, multi_prompts(a, b, self.multi_templates, self.max_prompts), "multi", f"{a.name}+{b.name}")
+                rows.append({"concepts": [a.name, b.name], **{k: v for k, v in res.items() if k != "prompts"}, "prompts": res["prompts"]})
+            keys = [k for k in rows[0] if k not in ("concepts", "prompts", "samples")]
+            st.multi = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+            st.multi["pairs"] = rows
+            st.multi["after_stage"] = T
+        st.save(self.state_path)
+        results = results_from_state(st)
+        atomic_write_json(_eval_dir(self.run_dir) / "results.json", results)
+        from .report import write_report
+
+        write_report(self.run_dir, st)
+        return results
+
+    # ------------------------------------------------------------------ logging payloads
+    def stage_tables(self) -> dict[str, tuple[list[str], list[list]]]:
+        """The forgetting matrices as (columns, rows) tables: one row per stage."""
+        st = self._require()
+        out = {}
+        for k in ("clip_i", "clip_t"):
+            M = st.matrices[k]
+            cols = ["stage"] + st.concepts
+            rows = [[t + 1] + [None if math.isnan(v) else round(float(v), 4) for v in M[t]] for t in range(last_stage(M))]
+            out[f"forgetting/{k}"] = (cols, rows)
+        return out
+
+    def stage_images(self, stage: int | None = None) -> dict[str, Image.Image]:
+        """The sample grid so far (rows = concepts, columns = stages), for the loggers."""
+        from .report import sample_grid
+
+        st = self._require()
+        grid = sample_grid(self.run_dir, st, upto=stage)
+        return {"samples/grid": grid} if grid is not None else {}
+
+    def _save_details(self, stage: int, details: dict[str, Any]) -> None:
+        """Per-prompt, per-sample scores of one stage (for inspection; not needed to resume)."""
+        atomic_write_json(_eval_dir(self.run_dir) / "details" / f"stage_{stage:02d}.json", details)
