@@ -1,0 +1,414 @@
+"""Pretrain the micro world's models (one GPU, about 8 minutes on an H100).
+
+    python -m cns_lightning.microworld.pretrain --out DIR --seed 0
+
+Stages (``--stages``, default all, in order):
+
+1. data: ``--n-train`` scenes of the pretraining split (no held-out colour-noun pair, no personal
+   concept), rendered in parallel; each keeps its full caption and one under-described variant.
+2. clip: a micro ``CLIPModel`` (``arch.build_clip``) trained contrastively (AdamW, bf16 autocast).
+3. vae: ``AutoencoderKL`` trained on L1 + MSE + image-gradient L1 + 1e-6 KL; the latent scaling
+   factor is set to 1 / std of the latents, as SD does.
+4. unet: ``UNet2DConditionModel`` trained with DDPM noise (SD-1.5's scaled-linear betas, epsilon
+   prediction, min-SNR-5 weighting), 10% empty captions for classifier-free guidance, EMA 0.999,
+   conditioned on the frozen CLIP text tower's last hidden states.
+5. eval: zero-shot attribute accuracy of the CLIP on held-out renders; CLIP-T and attribute accuracy
+   of pipeline samples (PNDM, 25 steps) on held-out compositional prompts, next to the same scores of
+   the real renders of the same scenes.
+
+Writes ``DIR/pipeline`` (``StableDiffusionPipeline.save_pretrained``), ``DIR/clip`` (CLIPModel +
+CLIPProcessor), ``DIR/scores.json`` and ``DIR/samples.png``. Weights are stored in fp16 with
+``dtype: float32`` in the transformers configs, so every loader builds float32 models.
+``--init DIR`` starts from an existing ``DIR/clip`` / ``DIR/pipeline`` (to rerun only some stages).
+Each stage stops at its step count or at its ``--*-max-seconds`` cap (logged in scores.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import arch
+from . import world as W
+from .metrics import attribute_accuracy, clip_t, pixel_values
+
+OMIT_VARIANTS = ({"colour", "pattern"}, {"colour", "pattern"}, {"pattern"}, {"position"}, {"size"}, {"colour"})
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def _render_chunk(args):
+    scenes, omits = args
+    from ..tokenizer import clip_tokenizer
+
+    tok = clip_tokenizer()
+    imgs = np.stack([np.asarray(s.render()) for s in scenes])
+    full = [s.caption() for s in scenes]
+    part = [s.caption(o) for s, o in zip(scenes, omits)]
+    enc = lambda t: tok(t, padding="max_length", max_length=77, truncation=True).input_ids
+    return imgs, np.asarray(enc(full), np.int32), np.asarray(enc(part), np.int32)
+
+
+def make_data(n: int, seed: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [n, 64, 64, 3], token ids int32 [n, 2, 77]: full caption, under-described one)."""
+    rng = np.random.default_rng(seed)
+    scenes = [W.sample_scene(rng, "train") for _ in range(n)]
+    omits = [OMIT_VARIANTS[rng.integers(len(OMIT_VARIANTS))] for _ in range(n)]
+    k = 2000
+    chunks = [(scenes[i : i + k], omits[i : i + k]) for i in range(0, n, k)]
+    with mp.get_context("fork").Pool(workers) as pool:
+        parts = pool.map(_render_chunk, chunks)
+    imgs = np.concatenate([p[0] for p in parts])
+    ids = np.stack([np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])], 1)
+    return imgs, ids
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+
+def _autocast():
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available())
+
+
+def _lr(step: int, total: int, peak: float, warm: int = 200) -> float:
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+
+def _to_img(x_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 64, 64, 3] -> float [B, 3, 64, 64] in [-1, 1]."""
+    return x_u8.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def train_clip(clip, imgs, ids, steps, batch, lr, max_s, gen, log):
+    dev = imgs.device
+    opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
+    clip.train()
+    t0 = time.time()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr)
+        idx = torch.randint(0, len(imgs), (batch,), device=dev, generator=gen)
+        variant = (torch.rand(batch, device=dev, generator=gen) < 0.2).long()
+        tok = ids[idx, variant].long()
+        pv = pixel_values(imgs[idx].permute(0, 3, 1, 2).float() / 255.0)
+        with _autocast():
+            out = clip(input_ids=tok, pixel_values=pv, return_loss=True)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))
+        if step % 500 == 0 or step == steps - 1:
+            log(f"clip step {step} loss {out.loss.item():.4f} {time.time() - t0:.0f}s")
+        if time.time() - t0 > max_s:
+            log(f"clip stopped by time cap at step {step + 1}")
+            return step + 1
+    return steps
+
+
+def train_vae(vae, imgs, steps, batch, lr, max_s, gen, log):
+    dev = imgs.device
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae.train()
+    t0 = time.time()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr)
+        x = _to_img(imgs[torch.randint(0, len(imgs), (batch,), device=dev, generator=gen)])
+        with _autocast():
+            post = vae.encode(x).latent_dist
+            z = post.sample()
+            rec = vae.decode(z).sample.float()
+        l1 = (rec - x).abs().mean()
+        mse = F.mse_loss(rec, x)
+        grad = (torch.diff(rec, dim=-1) - torch.diff(x, dim=-1)).abs().mean() + (torch.diff(rec, dim=-2) - torch.diff(x, dim=-2)).abs().mean()
+        kl = post.kl().mean() / z[0].numel()
+        loss = l1 + mse + 0.5 * grad + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 500 == 0 or step == steps - 1:
+            log(f"vae step {step} l1 {l1.item():.4f} mse {mse.item():.5f} kl/elem {kl.item():.3f} {time.time() - t0:.0f}s")
+        if time.time() - t0 > max_s:
+            log(f"vae stopped by time cap at step {step + 1}")
+            return step + 1
+    return steps
+
+
+@torch.no_grad()
+def encode_all(vae, imgs, batch=1024):
+    vae.eval()
+    mus, stds = [], []
+    for i in range(0, len(imgs), batch):
+        with _autocast():
+            d = vae.encode(_to_img(imgs[i : i + batch])).latent_dist
+        mus.append(d.mean.half())
+        stds.append(d.std.half())
+    return torch.cat(mus), torch.cat(stds)
+
+
+def train_unet(unet, text_encoder, mus, stds, ids, empty_ids, scale, steps, batch, lr, max_s, gen, log):
+    from diffusers import DDPMScheduler
+
+    dev = mus.device
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    ac = sched.alphas_cumprod.to(dev)
+    snr = ac / (1 - ac)
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    unet.train()
+    text_encoder.eval().requires_grad_(False)
+    t0 = time.time()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr, warm=500)
+        idx = torch.randint(0, len(mus), (batch,), device=dev, generator=gen)
+        z0 = (mus[idx].float() + stds[idx].float() * torch.randn(mus[idx].shape, device=dev, generator=gen)) * scale
+        r = torch.rand(batch, device=dev, generator=gen)
+        tok = torch.where((r < 0.25)[:, None], ids[idx, 1], ids[idx, 0]).long()
+        tok = torch.where((r > 0.9)[:, None], empty_ids.expand(batch, -1), tok)
+        t = torch.randint(0, 1000, (batch,), device=dev, generator=gen)
+        noise = torch.randn(z0.shape, device=dev, generator=gen)
+        a = ac[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        with _autocast():
+            with torch.no_grad():
+                h = text_encoder(tok).last_hidden_state
+            pred = unet(zt, t, h).sample.float()
+        w = torch.clamp(snr[t], max=5.0) / snr[t]
+        loss = (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(0.999, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - d)
+        if step % 500 == 0 or step == steps - 1:
+            log(f"unet step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s")
+        if time.time() - t0 > max_s:
+            log(f"unet stopped by time cap at step {step + 1}")
+            return ema, step + 1
+    return ema, steps
+
+
+# --------------------------------------------------------------------------------------------- saving
+
+
+def _patch_dtype(config_json: Path) -> None:
+    """fp16 weights on disk, float32 models on load (transformers 5 otherwise keeps fp16)."""
+    cfg = json.loads(config_json.read_text())
+    cfg["dtype"] = "float32"
+    cfg.pop("torch_dtype", None)
+    for k in ("text_config", "vision_config"):
+        if isinstance(cfg.get(k), dict):
+            cfg[k]["dtype"] = "float32"
+            cfg[k].pop("torch_dtype", None)
+    config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def processor():
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    from ..tokenizer import clip_tokenizer
+    from .metrics import CLIP_MEAN, CLIP_STD
+
+    ip = CLIPImageProcessor(
+        size={"shortest_edge": W.RES}, crop_size={"height": W.RES, "width": W.RES}, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)
+    )
+    return CLIPProcessor(image_processor=ip, tokenizer=clip_tokenizer())
+
+
+def save_clip(clip, folder: Path) -> None:
+    c = copy.deepcopy(clip).cpu().half()
+    c.save_pretrained(folder)
+    processor().save_pretrained(folder)
+    _patch_dtype(folder / "config.json")
+
+
+def build_pipeline(clip, vae, unet):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    from ..models import _scheduler
+    from ..tokenizer import clip_tokenizer
+
+    te = CLIPTextModel(clip.config.text_config)
+    # transformers 5: CLIPModel.text_model is a CLIPTextModel; 4.x: both hold a CLIPTextTransformer
+    (te.text_model if hasattr(te, "text_model") else te).load_state_dict(clip.text_model.state_dict())
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=te, tokenizer=clip_tokenizer(), unet=unet, scheduler=_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_pipeline(pipe, folder: Path) -> None:
+    p = copy.deepcopy(pipe).to("cpu")
+    for m in (p.unet, p.vae, p.text_encoder):
+        m.to(torch.float16)
+    p.save_pretrained(folder, safe_serialization=True)
+    _patch_dtype(folder / "text_encoder" / "config.json")
+
+
+# --------------------------------------------------------------------------------------------- eval
+
+
+@torch.no_grad()
+def sample(pipe, prompts, guidance, seed, steps=25, batch=256):
+    out = []
+    for i in range(0, len(prompts), batch):
+        g = torch.Generator(pipe.device).manual_seed(seed + i)
+        r = pipe(list(prompts[i : i + batch]), num_inference_steps=steps, guidance_scale=guidance, generator=g, output_type="np", height=W.RES, width=W.RES)
+        out.append((r.images * 255).round().astype(np.uint8))
+    return np.concatenate(out)
+
+
+def evaluate(clip, tok, pipe, n_eval, seed, out_dir: Path, log) -> dict:
+    from PIL import Image
+
+    clip.eval()
+    scores: dict = {}
+    held = W.heldout_scenes(n_eval, seed=10_000 + seed)
+    real = np.stack([np.asarray(s.render()) for s in held])
+    rng = np.random.default_rng(20_000 + seed)
+    seen = [W.sample_scene(rng, "train", two_objects=0.0) for _ in range(n_eval)]
+    real_seen = np.stack([np.asarray(s.render()) for s in seen])
+    caps = [s.caption() for s in held]
+    scores["clip_attribute_accuracy_heldout_real"] = attribute_accuracy(clip, tok, real, held)
+    scores["clip_attribute_accuracy_seen_real"] = attribute_accuracy(clip, tok, real_seen, seen)
+    scores["chance"] = {a: 1 / len(W.attribute_values(a)) for a in W.ATTRIBUTES}
+    scores["clip_t_heldout_real"] = clip_t(clip, tok, real, caps)
+    # a mismatched baseline: each real image against another scene's caption
+    scores["clip_t_heldout_real_shuffled"] = clip_t(clip, tok, real, caps[1:] + caps[:1])
+    log(json.dumps(scores))
+    if pipe is not None:
+        for gs in (3.0, 5.0, 7.5):
+            gen = sample(pipe, caps, gs, seed)
+            key = f"gs{gs:g}"
+            scores[f"pipeline_clip_t_heldout_{key}"] = clip_t(clip, tok, gen, caps)
+            scores[f"pipeline_attribute_accuracy_heldout_{key}"] = attribute_accuracy(clip, tok, gen, held)
+            log(f"{key}: clip_t {scores[f'pipeline_clip_t_heldout_{key}']:.4f} attr {scores[f'pipeline_attribute_accuracy_heldout_{key}']}")
+            if gs == 5.0:
+                grid = np.concatenate([np.concatenate(list(real[:16]), 1), np.concatenate(list(gen[:16]), 1)], 0)
+                Image.fromarray(grid).save(out_dir / "samples.png")
+                (out_dir / "samples.txt").write_text("\n".join(caps[:16]) + "\n")
+        gen = sample(pipe, [s.caption() for s in seen], 5.0, seed)
+        scores["pipeline_clip_t_seen_gs5"] = clip_t(clip, tok, gen, [s.caption() for s in seen])
+        scores["pipeline_attribute_accuracy_seen_gs5"] = attribute_accuracy(clip, tok, gen, seen)
+        scores["clip_t_seen_real"] = clip_t(clip, tok, real_seen, [s.caption() for s in seen])
+    return scores
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stages", default="clip,vae,unet,eval")
+    ap.add_argument("--init", type=Path, default=None, help="folder with clip/ and pipeline/ to start from")
+    ap.add_argument("--n-train", type=int, default=150_000)
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--clip-steps", type=int, default=6000)
+    ap.add_argument("--clip-batch", type=int, default=512)
+    ap.add_argument("--clip-lr", type=float, default=1e-3)
+    ap.add_argument("--clip-max-seconds", type=float, default=130)
+    ap.add_argument("--vae-steps", type=int, default=4000)
+    ap.add_argument("--vae-batch", type=int, default=128)
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--vae-max-seconds", type=float, default=80)
+    ap.add_argument("--unet-steps", type=int, default=10000)
+    ap.add_argument("--unet-batch", type=int, default=256)
+    ap.add_argument("--unet-lr", type=float, default=4e-4)
+    ap.add_argument("--unet-max-seconds", type=float, default=200)
+    ap.add_argument("--n-eval", type=int, default=300)
+    a = ap.parse_args(argv)
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPModel
+
+    from ..tokenizer import clip_tokenizer
+
+    stages = set(a.stages.split(","))
+    a.out.mkdir(parents=True, exist_ok=True)
+    logf = open(a.out / "log.txt", "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    t0 = time.time()
+    imgs_np, ids_np = make_data(a.n_train, a.seed, a.workers)  # before CUDA starts (forked workers)
+    log(f"data: {len(imgs_np)} scenes in {time.time() - t0:.0f}s")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(a.seed)
+    gen = torch.Generator(dev).manual_seed(a.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    info = {"args": {k: str(v) for k, v in vars(a).items()}, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
+    imgs, ids = torch.from_numpy(imgs_np).to(dev), torch.from_numpy(ids_np).to(dev)
+    tok = clip_tokenizer()
+
+    if a.init is not None:
+        clip = CLIPModel.from_pretrained(a.init / "clip").to(dev)
+        vae = AutoencoderKL.from_pretrained(a.init / "pipeline" / "vae").to(dev)
+        unet = UNet2DConditionModel.from_pretrained(a.init / "pipeline" / "unet").to(dev)
+    else:
+        clip, vae, unet = arch.build_clip().to(dev), arch.build_vae().to(dev), arch.build_unet().to(dev)
+
+    if "clip" in stages:
+        t = time.time()
+        info["clip_steps"] = train_clip(clip, imgs, ids, a.clip_steps, a.clip_batch, a.clip_lr, a.clip_max_seconds, gen, log)
+        info["clip_seconds"] = time.time() - t
+        save_clip(clip, a.out / "clip")
+    clip.eval().requires_grad_(False)
+    if "vae" in stages:
+        t = time.time()
+        info["vae_steps"] = train_vae(vae, imgs, a.vae_steps, a.vae_batch, a.vae_lr, a.vae_max_seconds, gen, log)
+        info["vae_seconds"] = time.time() - t
+    vae.eval().requires_grad_(False)
+    if "unet" in stages:
+        mus, stds = encode_all(vae, imgs)
+        z = (mus[:20000].float() + stds[:20000].float() * torch.randn_like(mus[:20000].float()))
+        scale = float(1.0 / z.std())
+        vae.register_to_config(scaling_factor=scale)
+        log(f"latent scaling factor {scale:.4f}")
+        empty = torch.tensor(tok("", padding="max_length", max_length=77).input_ids, device=dev)[None]
+        t = time.time()
+        unet, info["unet_steps"] = train_unet(
+            unet, clip.text_model, mus, stds, ids, empty, scale, a.unet_steps, a.unet_batch, a.unet_lr, a.unet_max_seconds, gen, log
+        )
+        info["unet_seconds"] = time.time() - t
+        del mus, stds
+    pipe = build_pipeline(clip, vae, unet).to(dev)
+    if stages & {"clip", "vae", "unet"}:
+        save_pipeline(pipe, a.out / "pipeline")
+    if "eval" in stages:
+        info["scores"] = evaluate(clip, tok, pipe, a.n_eval, a.seed, a.out, log)
+    info["total_seconds"] = time.time() - t0
+    (a.out / "scores.json").write_text(json.dumps(info, indent=2) + "\n")
+    log(f"done in {info['total_seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
