@@ -120,13 +120,21 @@ def sample_grid(run_dir: Path, state: EvalState, upto: int | None = None) -> Ima
 
 # ----------------------------------------------------------------------------- selection stats
 def read_selection_stats(run_dir: Path) -> list[tuple[int, str, dict[str, Any]]]:
-    """(stage, concept, stats) from ``stage_XX_<name>/selection.json`` or ``selection/*.json``; [] if none."""
+    """(stage, concept, stats) from the loop's selection statistics; [] if there are none.
+
+    Read from ``stages/XX_<name>/selection.json`` (the loop's stage folders),
+    ``stage_XX_<name>/selection.json`` or ``selection/stage_XX_<name>.json``.
+    """
     run_dir = Path(run_dir)
     found = []
-    paths = sorted(run_dir.glob("stage_*/selection.json")) + sorted((run_dir / "selection").glob("*.json"))
+    paths = (
+        sorted(run_dir.glob("stages/*/selection.json"))
+        + sorted(run_dir.glob("stage_*/selection.json"))
+        + sorted((run_dir / "selection").glob("*.json"))
+    )
     for p in paths:
         label = p.parent.name if p.name == "selection.json" else p.stem
-        m = re.match(r"stage_(\d+)_?(.*)", label)
+        m = re.match(r"(?:stage_)?(\d+)_?(.*)", label)
         stage, name = (int(m.group(1)), m.group(2) or label) if m else (len(found) + 1, label)
         try:
             stats = json.loads(p.read_text(encoding="utf-8"))
@@ -139,7 +147,7 @@ def read_selection_stats(run_dir: Path) -> list[tuple[int, str, dict[str, Any]]]
 
 
 def plot_selection(stats: list[tuple[int, str, dict[str, Any]]], path: Path) -> Path:
-    """Concept-neuron density per layer, one line per stage."""
+    """Concept-neuron density per layer, one line per stage (layers of the last stage's statistics)."""
     layers = list(stats[-1][2]["layers"])
     fig = _figure(max(6, 0.25 * len(layers) + 2), 3.8)
     ax = fig.add_subplot(1, 1, 1)

@@ -1,0 +1,88 @@
+"""Sweep aggregation over run folders written by the real evaluator on the tiny pipeline."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from test_evaluation import add_tokens, make_concepts, run_sequence
+
+from cns_lightning.evaluation.aggregate import aggregate, main
+from cns_lightning.evaluation.forgetting import final_mean
+from cns_lightning.models import build_random_pipeline
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Two methods x seed 0 run by the evaluator; a copy of one as seed 1 with every score + 2."""
+    root = tmp_path_factory.mktemp("sweep")
+    concepts = make_concepts(root / "data", names=(("teddy", "teddy bear"), ("mug", "mug")))
+    states = {}
+    for method in ("cns", "full_kv"):
+        pipe = build_random_pipeline("tiny")
+        add_tokens(pipe, concepts)
+        run_dir = root / "multirun" / method / "seed0"
+        ev, _ = run_sequence(run_dir, concepts, pipe, n_images=1, best_of=2, write_report=False)
+        (run_dir / "summary.json").write_text(json.dumps({"method": method, "seed": 0, "concepts": [c.name for c in concepts]}))
+        states[method] = ev.state
+    src, dst = root / "multirun" / "cns" / "seed0", root / "multirun" / "cns" / "seed1"
+    shutil.copytree(src, dst)
+    st = json.loads((dst / "eval" / "state.json").read_text())
+    for key, M in st["matrices"].items():
+        st["matrices"][key] = [[None if v is None else v + 2.0 for v in row] for row in M]
+    for k in st["multi"]:
+        if k in ("clip_i", "clip_t", "clip_i_best", "clip_t_best"):
+            st["multi"][k] += 2.0
+    (dst / "eval" / "state.json").write_text(json.dumps(st))
+    (dst / "summary.json").write_text(json.dumps({"method": "cns", "seed": 1, "concepts": ["teddy", "mug"]}))
+    return root / "multirun", states
+
+
+def _csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_tables_average_over_seeds(sweep, tmp_path):
+    sweep_dir, states = sweep
+    paths = aggregate(sweep_dir, tmp_path / "agg")
+    rows = {r["method"]: r for r in _csv(paths["table_ablation_csv"])}
+    assert set(rows) == {"cns", "full_kv"} and rows["cns"]["n_seeds"] == "2" and rows["full_kv"]["n_seeds"] == "1"
+    cns = final_mean(states["cns"].matrices["clip_i"])
+    assert float(rows["cns"]["single_clip_i_mean"]) == pytest.approx(cns + 1.0, abs=1e-6)
+    assert float(rows["cns"]["single_clip_i_std"]) == pytest.approx(np.std([cns, cns + 2], ddof=1), abs=1e-6)
+    assert float(rows["full_kv"]["single_clip_i_mean"]) == pytest.approx(final_mean(states["full_kv"].matrices["clip_i"]), abs=1e-6)
+    assert rows["full_kv"]["single_clip_i_std"] == ""
+    comp = {r["method"]: r for r in _csv(paths["table_comparison_csv"])}
+    assert float(comp["full_kv"]["multi_clip_t_mean"]) == pytest.approx(states["full_kv"].multi["clip_t"], abs=1e-6)
+    md = paths["table_comparison_md"].read_text()
+    assert "| method | seeds | CLIP-I single | CLIP-T single | CLIP-I multi | CLIP-T multi |" in md
+    assert "mean over [2] samples" in md and " ± " in md
+    assert "| CLIP-I | CLIP-T |" in paths["table_ablation_md"].read_text()
+
+
+def test_concept1_curve_and_best_of(sweep, tmp_path):
+    sweep_dir, states = sweep
+    paths = aggregate(sweep_dir, tmp_path / "agg", best_of=True)
+    curve = [r for r in _csv(paths["concept1_csv"]) if r["method"] == "full_kv"]
+    assert [int(r["stage"]) for r in curve] == [1, 2]
+    assert [float(r["clip_i_mean"]) for r in curve] == pytest.approx(states["full_kv"].matrices["clip_i_best"][:, 0].tolist())
+    assert paths["concept1_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "best of [2]" in paths["table_ablation_md"].read_text()
+
+
+def test_cli(sweep, tmp_path, capsys):
+    sweep_dir, _ = sweep
+    assert main([str(sweep_dir), "--out", str(tmp_path / "o")]) == 0
+    assert "table_comparison_md" in capsys.readouterr().out and (tmp_path / "o" / "table_ablation.csv").exists()
+    assert main([str(tmp_path / "empty")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    (tmp_path / "bad" / "run").mkdir(parents=True)
+    (tmp_path / "bad" / "run" / "summary.json").write_text("{}")
+    (tmp_path / "bad" / "run" / "eval").mkdir()
+    (tmp_path / "bad" / "run" / "eval" / "state.json").write_text("{}")
+    assert main([str(tmp_path / "bad")]) == 2
+    assert "no 'method' field" in capsys.readouterr().err

@@ -1,0 +1,115 @@
+"""report.md from an evaluator state: tables, figures, sample grid, selection statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cns_lightning.evaluation.report import read_selection_stats, sample_grid, write_report
+from cns_lightning.evaluation.state import EvalState
+from cns_lightning.evaluation.summary import results_from_state
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def make_state(run_dir, stages: int = 2) -> EvalState:
+    st = EvalState.new(["dog", "mug"], "tiny-clip", {"n_samples": 4, "num_inference_steps": 2, "guidance_scale": 6.0, "seed": 0, "max_prompts": 1})
+    st.matrices["clip_i"][:] = [[71.25, math.nan], [66.5, 80.0]]
+    st.matrices["clip_t"][:] = [[60.0, math.nan], [61.0, 62.0]]
+    st.matrices["clip_i_best"][:] = [[75.0, math.nan], [70.0, 85.0]]
+    st.matrices["clip_t_best"][:] = [[65.0, math.nan], [66.0, 67.0]]
+    for M in st.matrices.values():
+        M[stages:] = math.nan
+    st.base = {"clip_i": {"dog": 60.0, "mug": 55.0}, "clip_t": {"dog": 58.0, "mug": 57.0}}
+    st.zero_shot = {"mean": [70.0, 69.0, 68.0][: stages + 1] + [math.nan] * (2 - stages), "best": [72.0, 71.0, 70.0]}
+    st.stages_done = list(range(1, stages + 1))
+    for s in range(stages + 1):
+        files = {}
+        for k, name in enumerate(["dog", "mug", "zero_shot"]):
+            if s == 0 or name == "zero_shot" or k < s:
+                p = run_dir / "eval" / "samples" / f"stage_{s:02d}" / f"{name}_p00.png"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (32, 32), (40 * k, 80, 20 * s)).save(p)
+                files[name] = [str(p.relative_to(run_dir))]
+        st.samples[str(s)] = files
+    return st
+
+
+def write_selection(run_dir, stage: int, name: str, density: float) -> None:
+    layers = {f"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_{kv}.weight": {
+        "base_density": 0.2, "general_density": 0.1, "concept_density": density, "general_share_of_base": 0.5} for kv in "kv"}
+    d = run_dir / f"stage_{stage:02d}_{name}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "selection.json").write_text(json.dumps({"layers": layers, "total": {"base_density": 0.2, "general_density": 0.1,
+                                                                               "concept_density": density, "general_share_of_base": 0.53}}))
+
+
+def test_report_tables_figures_and_selection(tmp_path):
+    st = make_state(tmp_path)
+    write_selection(tmp_path, 1, "dog", 0.11)
+    write_selection(tmp_path, 2, "mug", 0.09)
+    path = write_report(tmp_path, st)
+    md = path.read_text()
+    assert path == tmp_path / "report.md"
+    assert "| after 2 | 66.50 | 80.00 |" in md and "| after 1 | 71.25 | — |" in md
+    # CLIP-I single (final) = (66.5 + 80) / 2; best-of labelled with N.
+    assert "| CLIP-I single | 73.25 | 77.50 |" in md and "best-of-4" in md
+    assert "| zero-shot CLIP-T, base model | 70.00 | 72.00 |" in md
+    # forgetting of concept 1: 71.25 - 66.5
+    assert "| CLIP-I forgetting (max earlier - final) | 4.75 |" in md
+    assert "## Neuron selection" in md and "| 2 | mug | 0.20 | 0.10 | 0.09 | 0.53 |" in md
+    for fig in ("forgetting_clip_i", "forgetting_clip_t", "curves", "samples", "selection"):
+        f = tmp_path / "eval" / "figures" / f"{fig}.png"
+        assert f"eval/figures/{fig}.png" in md and f.read_bytes()[:8] == PNG
+
+
+def test_sample_grid_rows_are_concepts_and_columns_stages(tmp_path):
+    st = make_state(tmp_path)
+    grid = sample_grid(tmp_path, st)
+    assert grid.size == (110 + 3 * 32, 18 + 3 * 32)  # stages 0..2, rows dog/mug/zero-shot
+    # The mug cell at stage 1 is empty (mug not learned yet): white.
+    assert grid.getpixel((110 + 32 + 16, 18 + 32 + 16)) == (255, 255, 255)
+    assert grid.getpixel((110 + 2 * 32 + 16, 18 + 32 + 16)) == (40, 80, 40)
+    assert sample_grid(tmp_path, st, upto=0).size == (110 + 32, 18 + 3 * 32)
+
+
+def test_partial_run_report_and_results(tmp_path):
+    st = make_state(tmp_path, stages=1)
+    md = write_report(tmp_path, st).read_text()
+    assert "Stages evaluated: 1 of 2" in md and "Neuron selection" not in md
+    res = results_from_state(st)
+    assert res["single"]["clip_i"] == 71.25 and math.isnan(res["forgetting"]["clip_i"]["forgetting"])
+    assert res["gain_over_base"]["clip_i"] == pytest.approx(11.25)
+    assert res["zero_shot_clip_t"]["mean"]["final"] == 69.0
+
+
+def test_bad_selection_file_is_named(tmp_path):
+    d = tmp_path / "stage_01_dog"
+    d.mkdir()
+    (d / "selection.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="stage_01_dog/selection.json"):
+        read_selection_stats(tmp_path)
+    (d / "selection.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read"):
+        read_selection_stats(tmp_path)
+
+
+def test_loop_stage_folders_are_read(tmp_path):
+    d = tmp_path / "stages" / "02_mug"
+    d.mkdir(parents=True)
+    stats = {"layers": {"a.attn2.to_k.weight": {"entries": 64, "concept_density": 0.25}}, "total": {"entries": 64, "concept_density": 0.25}}
+    (d / "selection.json").write_text(json.dumps(stats))
+    assert read_selection_stats(tmp_path) == [(2, "mug", stats)]
+    md = write_report(tmp_path, make_state(tmp_path)).read_text()
+    assert "| 2 | mug | — | — | 0.25 | — |" in md and "| a.attn2.to_k.weight | — | — | 0.25 | — |" in md
+
+
+def test_selection_folder_layout_is_read_too(tmp_path):
+    (tmp_path / "selection").mkdir()
+    (tmp_path / "selection" / "stage_03_vase.json").write_text(json.dumps({"layers": {}, "total": {"concept_density": 0.1}}))
+    assert read_selection_stats(tmp_path) == [(3, "vase", {"layers": {}, "total": {"concept_density": 0.1}})]
+    assert np.isnan(EvalState.new(["a"], "c", {}).matrices["clip_i"]).all()
