@@ -8,7 +8,6 @@ evaluate. Re-running the same command resumes after the last completed stage.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -17,10 +16,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import save_json
+from .checkpoint import CheckpointError, load_json, save_json
 from .concepts import Concept, concepts_from_config
 from .data import ConceptDataModule
+from .models import cross_attention_kv
 from .module import CNSModule, NonFiniteLossError
+from .preflight import check_concept_inputs, check_config_values, check_disk_space, oom_message, output_bytes
 from .prior import model_fingerprint, prior_images
 from .selection import SelectionConfig, encode_norms, mask_stats, random_like_counts, select_concept_neurons
 from .state import apply_stage, completed_stages, save_stage, stage_dir
@@ -59,19 +60,51 @@ def calibration_prompts(cfg: DictConfig) -> list[str]:
     return prompts[:k]
 
 
+# Knobs that change only speed or memory: not part of a run's identity.
+PERFORMANCE_KEYS = ("data.num_workers", "prior.batch_size")
+# Training knobs that +resume_with_changes=true lets a rerun change for the stages not yet done
+# (e.g. a lower learning rate after a NaN stop); the change is recorded in run_identity.json.
+RESUMABLE_CHANGES = (
+    "method.lr_neurons", "method.lr_token", "method.steps", "method.lambda1", "method.lambda2", "method.prior_weight", "data.batch_size",
+)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif not f"{prefix}{k}".startswith("_"):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def check_run_folder(run_dir: Path, cfg: DictConfig) -> None:
-    """Write the run's defining config, or check that an existing run folder was made with it."""
+    """Write the run's defining config, or check that an existing run folder was made with it.
+
+    A folder without a completed stage takes the new settings (nothing in it is kept). With
+    completed stages, only ``RESUMABLE_CHANGES`` may differ, and only with ``resume_with_changes``.
+    """
     identity = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in IDENTITY_KEYS if k in cfg}
     path = run_dir / "run_identity.json"
     if path.is_file():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-        if diff:
+        old = load_json(path)
+        a, b = _flat(old), _flat(identity)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in PERFORMANCE_KEYS)
+        if not diff:
+            return
+        if not any((run_dir / "stages").glob("*/manifest.json")):
+            print(f"[cns] {run_dir}: no completed stage yet, starting it with the new settings ({', '.join(diff)} changed)")
+        elif cfg.get("resume_with_changes", False) and all(k in RESUMABLE_CHANGES for k in diff):
+            change = {k: [a.get(k), b.get(k)] for k in diff}
+            print(f"[cns] resume_with_changes: the remaining stages of {run_dir} use changed settings {change}")
+            identity["_changes"] = list(old.get("_changes", [])) + [change]
+        else:
+            hint = " To keep the completed stages and train the rest with the new values, add +resume_with_changes=true." if all(k in RESUMABLE_CHANGES for k in diff) else ""
             raise RunError(
-                f"{run_dir} holds a run made with other settings ({', '.join(diff)} differ), so it cannot be resumed. "
-                "Give this run its own folder (e.g. name=my_variant or hydra.run.dir=...), or delete that folder to start over."
+                f"{run_dir} holds a run made with other settings ({', '.join(diff)} differ), so it cannot be resumed.{hint} "
+                "Give this run its own folder (e.g. name=my_variant, tag=_v2 or hydra.run.dir=...), or delete that folder to start over."
             )
-        return
     save_json(path, identity)
 
 
@@ -106,17 +139,35 @@ def make_evaluator(cfg: DictConfig, run_dir: Path, concepts: list[Concept], devi
     return evaluator
 
 
+def check_outputs_fit(cfg: DictConfig, pipe, run_dir: Path, cache_dir: str, num_concepts: int) -> None:
+    """Stop before any stage when the disk cannot hold the remaining stages and prior images."""
+    done = len(list((run_dir / "stages").glob("*/manifest.json")))
+    need = output_bytes(
+        sum(p.numel() for p in cross_attention_kv(pipe.unet).values()), pipe.text_encoder.get_input_embeddings().weight.shape[1],
+        max(0, num_concepts - done), int(cfg.prior.num_images) * num_concepts if cfg.prior.enabled else 0, int(cfg.data.resolution),
+    )
+    try:
+        check_disk_space(run_dir, Path(cache_dir), need, int(cfg.get("min_free_bytes", 0)))
+    except CheckpointError as e:
+        raise RunError(
+            f"{e} Estimate: {max(0, num_concepts - done)} stages x {need['per_stage']} bytes (K/V values, masks, token) "
+            f"+ {need['priors']} bytes of prior images + min_free_bytes={int(cfg.get('min_free_bytes', 0))}. Nothing was trained."
+        ) from e
+
+
 def run(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     concepts = concepts_from_config(cfg.data.concepts)
     method = cfg.method
     if method.neurons not in NEURON_RULES:
         raise RunError(f"method.neurons={method.neurons!r}: choose one of {NEURON_RULES}")
     sel_cfg = SelectionConfig(**OmegaConf.to_container(method.selection, resolve=True))
+    check_config_values(cfg)
+    cache_dir = str(cfg.paths.cache_dir)
+    check_concept_inputs(concepts, int(cfg.data.resolution), cache_dir)  # bad input fails before anything is written
+    run_dir.mkdir(parents=True, exist_ok=True)
     check_run_folder(run_dir, cfg)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    cache_dir = str(cfg.paths.cache_dir)
 
     # 1. the base model and every concept's token
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -126,16 +177,20 @@ def run(cfg: DictConfig) -> dict:
     fingerprint = model_fingerprint(pipe)
     token_ids = add_concept_tokens(pipe.tokenizer, pipe.text_encoder, concepts)
     resolution = int(cfg.data.resolution)
+    check_outputs_fit(cfg, pipe, run_dir, cache_dir, len(concepts))
 
     # 2. prior-preservation images from the base model (cached on disk across runs)
     priors = {}
     if cfg.prior.enabled:
         for c in concepts:
-            priors[c.name] = prior_images(
-                pipe, c.class_prompt(), int(cfg.prior.num_images), cache_dir, seed=int(cfg.seed), resolution=resolution,
-                num_inference_steps=int(cfg.prior.num_inference_steps), guidance_scale=float(cfg.prior.guidance_scale),
-                batch_size=int(cfg.prior.batch_size), fingerprint=fingerprint,
-            )
+            try:
+                priors[c.name] = prior_images(
+                    pipe, c.class_prompt(), int(cfg.prior.num_images), cache_dir, seed=int(cfg.seed), resolution=resolution,
+                    num_inference_steps=int(cfg.prior.num_inference_steps), guidance_scale=float(cfg.prior.guidance_scale),
+                    batch_size=int(cfg.prior.batch_size), fingerprint=fingerprint,
+                )
+            except torch.OutOfMemoryError as e:
+                raise RunError(oom_message(f"prior-image generation for {c.name!r}", e)) from e
 
     # 3. the module, the calibration norms (Eq. 5 needs them once: the text encoder stays fixed
     #    but for the new tokens), and the stages already completed
@@ -188,10 +243,13 @@ def run(cfg: DictConfig) -> dict:
             module.end_stage()
             save_json(run_dir / "summary.json", summary(cfg, concepts, stages_info, status=f"stopped at stage {m + 1}: {e}"))
             raise RunError(
-                f"{e}. Stages 1-{m} are saved and intact in {run_dir / 'stages'}; lower method.lr_neurons / "
-                "method.lr_token or check the data, then rerun the same command to resume from stage "
-                f"{m + 1}."
+                f"{e}. Stages 1-{m} are saved and intact in {run_dir / 'stages'}; stage {m + 1} was not saved. "
+                "The same command fails the same way again: lower method.lr_neurons / method.lr_token "
+                "(or method.lambda1 / method.lambda2) or check the data, and add +resume_with_changes=true to "
+                f"keep stages 1-{m} and continue from stage {m + 1} (or give a new run folder with tag=...)."
             ) from e
+        except torch.OutOfMemoryError as e:
+            raise RunError(oom_message(f"training of stage {m + 1} ({concept.name!r})", e)) from e
         module.end_stage()
         module.step_offset += trainer.global_step
         info = dict(

@@ -14,16 +14,26 @@ def add_concept_tokens(tokenizer, text_encoder, concepts: list[Concept]) -> dict
     noun), as Custom Diffusion initialises its modifier token from a word. Returns name -> token id.
     """
     ids = {}
+    vocab = tokenizer.get_vocab()
     for i, c in enumerate(concepts):
-        if c.token in tokenizer.get_vocab():
+        where = f"data.concepts[{i}].token={c.token!r}"
+        if not c.token.strip() or len(tokenizer.tokenize(c.token)) == 0:
+            raise ConceptError(f"{where} is empty; use a string such as '<new1>'")
+        if any(ch.isspace() for ch in c.token):
+            raise ConceptError(f"{where} holds whitespace; use one word such as '<new{i + 1}>'")
+        pieces = tokenizer.tokenize(c.token)
+        if c.token in vocab or (len(pieces) == 1 and pieces[0] in vocab):
             raise ConceptError(
-                f"data.concepts[{i}].token={c.token!r} is already in the tokenizer's vocabulary; pick a new "
-                "string such as '<new1>' (the token must be new so that only this concept owns it)"
+                f"{where} is already in the tokenizer's vocabulary (as {pieces[0]!r}); pick a new "
+                f"string such as '<new{i + 1}>' (the token must be new so that only this concept owns it)"
             )
-        if len(tokenizer.tokenize(c.token)) == 0:
-            raise ConceptError(f"data.concepts[{i}].token={c.token!r} is empty; use a string such as '<new1>'")
         tokenizer.add_tokens([c.token])
         ids[c.name] = tokenizer.convert_tokens_to_ids(c.token)
+        in_text = tokenizer(c.token, add_special_tokens=False).input_ids
+        if in_text != [ids[c.name]]:
+            same = [d.token for d in concepts[:i] if [ids[d.name]] == in_text]
+            why = f"it reads as data.concepts token {same[0]!r} (the tokenizer ignores case)" if same else f"it reads as ids {in_text}"
+            raise ConceptError(f"{where}: in a caption the tokenizer does not read it as its own new token ({why}); give every concept its own token such as '<new{i + 1}>'")
     text_encoder.resize_token_embeddings(len(tokenizer))
     emb = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
