@@ -1,0 +1,109 @@
+"""conf/logger/*.yaml + log_stage / finish_loggers, read back from what each logger wrote."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cns_lightning.evaluation.loggers import (
+    _wandb_records,
+    build_loggers,
+    find_wandb_run_files,
+    finish_loggers,
+    log_stage,
+    read_wandb_history,
+)
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def stage_payload(stage: int):
+    metrics = {"eval/clip_i/dog": 70.0 + stage, "eval/clip_t/dog": 60.0 - stage, "eval/forgetting/clip_i": math.nan if stage == 1 else 1.5}
+    images = {"samples/grid": Image.new("RGB", (48, 24), (10 * stage, 100, 200))}
+    tables = {"forgetting/clip_i": (["stage", "dog", "mug"], [[t, 70.0 + t, None if t == 1 else 80.0] for t in range(1, stage + 1)])}
+    return metrics, images, tables
+
+
+def test_logger_configs_resolve(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = compose(["logger=[csv,tensorboard,wandb]", f"paths.run_dir={tmp_path}", "name=exp", "seed=3"])
+    assert list(cfg.logger) == ["csv", "tensorboard", "wandb"]
+    w = cfg.logger.wandb
+    assert (w.mode, w.group, w.name, w.save_dir) == ("offline", "exp", "cns/seed3", str(tmp_path))
+    assert cfg.logger.csv.save_dir == str(tmp_path) and w.entity is None
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert compose(["logger=wandb", f"paths.run_dir={tmp_path}"]).logger.wandb.mode == "disabled"
+    assert build_loggers(compose(["logger=none", f"paths.run_dir={tmp_path}"]).get("logger")) == []
+    with pytest.raises(ValueError, match="no _target_"):
+        build_loggers({"x": {"save_dir": "."}})
+
+
+def test_log_stage_reaches_every_logger(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    cfg = compose(["logger=[csv,tensorboard,wandb]", f"paths.run_dir={run_dir}", "name=exp"])
+    loggers = build_loggers(cfg.logger)
+    assert [type(lg).__name__ for lg in loggers] == ["CSVLogger", "TensorBoardLogger", "WandbLogger"]
+    for stage in (1, 2):
+        log_stage(loggers, stage, *stage_payload(stage))
+    finish_loggers(loggers)
+    import wandb
+
+    assert wandb.run is None
+
+    # W&B: the offline run file's history holds the stage metrics, the image and the table.
+    files = find_wandb_run_files(run_dir)
+    assert len(files) == 1 and files[0].parent.name.startswith("offline-run-")
+    rows = [r for r in read_wandb_history(files[0]) if "eval/clip_i/dog" in r]
+    assert [(r["stage"], r["eval/clip_i/dog"], r["eval/clip_t/dog"]) for r in rows] == [(1, 71, 59), (2, 72, 58)]
+    assert "eval/forgetting/clip_i" not in rows[0] and rows[1]["eval/forgetting/clip_i"] == 1.5
+    assert rows[1]["samples/grid/_type"] == "image-file" and rows[1]["forgetting/clip_i/_type"] == "table-file"
+    assert rows[1]["forgetting/clip_i/nrows"] == 2
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    runs = [pb.Record.FromString(r).run for r in _wandb_records(files[0]) if pb.Record.FromString(r).WhichOneof("record_type") == "run"]
+    assert runs[0].run_group == "exp" and runs[0].display_name == "cns/seed0"
+
+    # TensorBoard: scalars at step = stage, the image, the table as text.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("eval/clip_i/dog")] == [(1, 71.0), (2, 72.0)]
+    assert [e.step for e in acc.Images("samples/grid")] == [1, 2]
+    assert any(t.startswith("forgetting/clip_i") for t in acc.Tags()["tensors"])
+
+    # CSV: one row per stage (with a stage column), media files per stage.
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["stage"], r["eval/clip_i/dog"]) for r in rows] == [("1.0", "71.0"), ("2.0", "72.0")]
+    media = run_dir / "csv" / "media"
+    assert (media / "samples_grid_stage02.png").exists()
+    assert (media / "forgetting_clip_i_stage02.csv").read_text().splitlines() == ["stage,dog,mug", "1,71.0,", "2,72.0,80.0"]
+
+
+def test_each_multirun_job_gets_its_own_wandb_run(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for seed in (0, 1):  # two jobs of one multirun process, one after the other
+        cfg = compose(["logger=wandb", f"paths.run_dir={tmp_path / f'seed{seed}'}", f"seed={seed}"])
+        loggers = build_loggers(cfg.logger)
+        log_stage(loggers, 1, {"eval/clip_i": float(seed)})
+        finish_loggers(loggers)
+    files = find_wandb_run_files(tmp_path)
+    assert len(files) == 2 and files[0].name != files[1].name
+    assert [read_wandb_history(f)[0]["eval/clip_i"] for f in files] == [0, 1]
