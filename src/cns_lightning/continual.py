@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import CheckpointError, load_json, save_json
+from .checkpoint import CheckpointError, atomic_write_bytes, load_json, save_json
 from .concepts import Concept, concepts_from_config
 from .data import ConceptDataModule
 from .models import cross_attention_kv
@@ -167,7 +167,7 @@ def run(cfg: DictConfig) -> dict:
     check_concept_inputs(concepts, int(cfg.data.resolution), cache_dir)  # bad input fails before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     check_run_folder(run_dir, cfg)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode("utf-8"))  # read by restore.py
 
     # 1. the base model and every concept's token
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
