@@ -1,0 +1,183 @@
+"""Export a run as a standard diffusers ``StableDiffusionPipeline`` folder.
+
+``python -m cns_lightning.export RUN_DIR OUT_DIR [--stage N] [--overwrite]``
+
+The folder holds the model after stage N (default: the last completed) with every concept learned
+by then: K/V weights written in, the concept tokens in the tokenizer and their rows in the text
+encoder's (resized) embeddings, plus a ``README.md`` model card listing the tokens. It loads with
+plain ``StableDiffusionPipeline.from_pretrained(OUT_DIR)``; no project code is needed.
+
+The export is atomic: it is written to a hidden folder beside OUT_DIR and renamed at the end, so
+OUT_DIR is either absent, untouched, or complete. A non-empty OUT_DIR is refused unless
+``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+from .concepts import Concept, ConceptError
+from .restore import CONFIG, RestoreError, check_stage, load_run, read_run
+
+CARD = "README.md"
+
+
+class ExportError(ValueError):
+    """The export cannot be written as asked; the message names the folder and the fix."""
+
+
+def model_card(run_dir: Path, stage: int, total: int, concepts: list[Concept], cfg) -> str:
+    """The README.md of an exported folder: where it came from and the tokens it knows."""
+    method = cfg.get("method", {}).get("name", "?")
+    model = cfg.model.get("name") or cfg.model.get("_target_", "?")
+    rows = "\n".join(f"| {i + 1} | `{c.token}` | {c.name} | {c.class_name} | {c.category} |" for i, c in enumerate(concepts))
+    both = " and ".join(f"a {c.token} {c.class_name}" for c in concepts[:2])
+    return f"""---
+library_name: diffusers
+pipeline_tag: text-to-image
+tags:
+- stable-diffusion
+- continual-personalization
+- concept-neuron-selection
+---
+
+# Continual personalization: {len(concepts)} concept(s) in one model
+
+Exported by `python -m cns_lightning.export` from the run folder `{run_dir}` after stage
+{stage} of {total} (method `{method}`, base model `{model}`, seed {cfg.get("seed", "?")}).
+Concept Neuron Selection (Liao et al., "Continual Personalization for Diffusion Models", ICCV 2025):
+each concept changed only its own cross-attention K/V neurons and its own token; one model holds
+all of them, so any subset can be combined in one prompt.
+
+## Concept tokens
+
+| stage | token | concept | class noun | category |
+|---|---|---|---|---|
+{rows}
+
+Write a token before its class noun, e.g. `{both}`.
+
+## Use
+
+```python
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")
+image = pipe("{both}", num_inference_steps=25, guidance_scale=6.0).images[0]
+```
+"""
+
+
+def _refuse_target(out_dir: Path, run_dir: Path, overwrite: bool) -> None:
+    out_abs, run_abs = out_dir.resolve(), run_dir.resolve()
+    if out_abs == run_abs or out_abs in run_abs.parents or run_abs in out_abs.parents:
+        raise ExportError(f"OUT_DIR={out_dir} is the run folder {run_dir}, inside it or above it; pick a folder outside the run, e.g. exports/<name>.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"OUT_DIR={out_dir} is a file; pick a folder path that does not exist yet.")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise ExportError(f"OUT_DIR={out_dir} exists and is not empty; pick another folder, or pass --overwrite (overwrite=True) to replace it.")
+        if (out_dir / CONFIG).is_file() and (out_dir / "stages").is_dir():
+            raise ExportError(f"OUT_DIR={out_dir} is a run folder (config.yaml, stages/); --overwrite will not delete a run. Pick another folder.")
+
+
+def write_legacy_vocab(tokenizer_dir: Path) -> None:
+    """Add ``vocab.json`` / ``merges.txt`` / ``added_tokens.json`` / ``special_tokens_map.json``
+    beside ``tokenizer.json`` (the files SD-1.5's tokenizer folder ships), taken from the saved
+    ``tokenizer.json``, so readers of the slow-tokenizer format find them too."""
+    fast = tokenizer_dir / "tokenizer.json"
+    if not fast.is_file() or (tokenizer_dir / "vocab.json").is_file():
+        return
+    data = json.loads(fast.read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        return
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    vocab = model["vocab"]
+    added = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t["content"] not in vocab}
+    (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    if added:
+        (tokenizer_dir / "added_tokens.json").write_text(json.dumps(added, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if k in config}
+    (tokenizer_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+
+
+def _normal_modes(folder: Path) -> None:
+    """Give the export the usual modes (some savers write 0600 files; mkdtemp makes a 0700 folder)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def export_pipeline(run_dir: str | Path, out_dir: str | Path, stage: int | None = None, overwrite: bool = False, device: str = "cpu") -> Path:
+    """Write the run's model after ``stage`` (default: last completed) as a diffusers folder ``out_dir``."""
+    run_dir, out_dir = Path(run_dir).expanduser(), Path(out_dir).expanduser()
+    info = read_run(run_dir)
+    stage = check_stage(info, stage)  # errors before any work
+    _refuse_target(out_dir, run_dir, overwrite)
+    pipe, learned = load_run(run_dir, stage, device=device, tokens="learned")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"))
+    old = None
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        write_legacy_vocab(tmp / "tokenizer")
+        (tmp / CARD).write_text(model_card(run_dir.resolve(), stage, len(info.concepts), learned, info.cfg), encoding="utf-8")
+        (tmp / "cns_concepts.json").write_text(
+            json.dumps(
+                dict(
+                    run_dir=str(run_dir.resolve()), stage=stage, total_stages=len(info.concepts),
+                    concepts=[dict(stage=i + 1, name=c.name, token=c.token, class_name=c.class_name, category=c.category) for i, c in enumerate(learned)],
+                ),
+                indent=2,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
+        _normal_modes(tmp)
+        if out_dir.exists():
+            # checked above: empty, or non-empty with overwrite=True
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not out_dir.exists():
+            os.rename(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m cns_lightning.export",
+        description="Export a cns_lightning run as a standard diffusers StableDiffusionPipeline folder (with a README.md model card).",
+    )
+    ap.add_argument("run_dir", metavar="RUN_DIR", help="run folder (holds config.yaml and stages/)")
+    ap.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (must not exist or be empty, unless --overwrite)")
+    ap.add_argument("--stage", type=int, default=None, help="export the model after this stage (default: the last completed)")
+    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    ap.add_argument("--device", default="cpu", help="device to rebuild the model on (default: cpu)")
+    args = ap.parse_args(argv)
+    try:
+        out = export_pipeline(args.run_dir, args.out_dir, stage=args.stage, overwrite=args.overwrite, device=args.device)
+    except (RestoreError, ExportError, CheckpointError, ConceptError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"[cns] exported {args.run_dir} to {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
