@@ -19,7 +19,19 @@ from cns_lightning.images import load_image
 from cns_lightning.models import build_random_pipeline, cross_attention_kv
 
 # Small and fast: 2 samples per prompt, 2 steps, 1 prompt per concept, no CFG (guidance 1 = one UNet pass).
-SETTINGS = dict(n_images=2, num_inference_steps=2, max_prompts=1, guidance_scale=1.0, zero_shot_prompts=["a canal in Amsterdam"])
+SETTINGS = dict(
+    n_images=2, num_inference_steps=2, max_prompts=1, guidance_scale=1.0, zero_shot_prompts=["a canal in Amsterdam"], batch_size=16
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models: one intra-op thread is as fast alone and far faster on a shared 2-core machine
+    (measured: this module's 3-stage run took 35 s of CPU with 2 threads under load, 2.3 s with 1)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def make_concepts(root, names=(("teddy", "teddy bear"), ("mug", "mug"), ("vase", "vase"))) -> list[Concept]:
@@ -78,7 +90,7 @@ def test_forgetting_matrix_filled_below_and_nan_above(run):
         for t in range(3):
             for i in range(3):
                 assert math.isnan(R[t, i]) == (i > t), (key, t, i, R)
-    assert sorted(st.stages_done) == [1, 2, 3]
+    assert sorted(st.stages_done) == [1, 2, 3] and run["ev"].is_evaluated(3)
     # Best-of-N is never below the mean over the same samples.
     lower = ~np.isnan(st.matrices["clip_i"])
     assert np.all(st.matrices["clip_i_best"][lower] >= st.matrices["clip_i"][lower] - 1e-6)

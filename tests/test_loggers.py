@@ -68,7 +68,7 @@ def test_log_stage_reaches_every_logger(monkeypatch, tmp_path):
     # W&B: the offline run file's history holds the stage metrics, the image and the table.
     files = find_wandb_run_files(run_dir)
     assert len(files) == 1 and files[0].parent.name.startswith("offline-run-")
-    rows = [r for r in read_wandb_history(files[0]) if "eval/clip_i/dog" in r]
+    rows = [r for r in read_wandb_history(files[0], wait_s=60) if "eval/clip_i/dog" in r]
     assert [(r["stage"], r["eval/clip_i/dog"], r["eval/clip_t/dog"]) for r in rows] == [(1, 71, 59), (2, 72, 58)]
     assert "eval/forgetting/clip_i" not in rows[0] and rows[1]["eval/forgetting/clip_i"] == 1.5
     assert rows[1]["samples/grid/_type"] == "image-file" and rows[1]["forgetting/clip_i/_type"] == "table-file"
@@ -106,4 +106,4 @@ def test_each_multirun_job_gets_its_own_wandb_run(monkeypatch, tmp_path):
         finish_loggers(loggers)
     files = find_wandb_run_files(tmp_path)
     assert len(files) == 2 and files[0].name != files[1].name
-    assert [read_wandb_history(f)[0]["eval/clip_i"] for f in files] == [0, 1]
+    assert [read_wandb_history(f, wait_s=60)[0]["eval/clip_i"] for f in files] == [0, 1]

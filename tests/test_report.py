@@ -62,6 +62,7 @@ def test_report_tables_figures_and_selection(tmp_path):
     # forgetting of concept 1: 71.25 - 66.5
     assert "| CLIP-I forgetting (max earlier - final) | 4.75 |" in md
     assert "## Neuron selection" in md and "| 2 | mug | 0.20 | 0.10 | 0.09 | 0.53 |" in md
+    assert "random tiny CLIP" not in md
     for fig in ("forgetting_clip_i", "forgetting_clip_t", "curves", "samples", "selection"):
         f = tmp_path / "eval" / "figures" / f"{fig}.png"
         assert f"eval/figures/{fig}.png" in md and f.read_bytes()[:8] == PNG
@@ -81,6 +82,8 @@ def test_partial_run_report_and_results(tmp_path):
     st = make_state(tmp_path, stages=1)
     md = write_report(tmp_path, st).read_text()
     assert "Stages evaluated: 1 of 2" in md and "Neuron selection" not in md
+    st.clip_model = "tiny-random-clip(seed=3)"
+    assert "random tiny CLIP scored this run" in write_report(tmp_path, st).read_text()
     res = results_from_state(st)
     assert res["single"]["clip_i"] == 71.25 and math.isnan(res["forgetting"]["clip_i"]["forgetting"])
     assert res["gain_over_base"]["clip_i"] == pytest.approx(11.25)

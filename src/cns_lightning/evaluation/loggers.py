@@ -206,16 +206,37 @@ def _wandb_records(path: Path) -> Iterable[bytes]:
             break
 
 
-def read_wandb_history(path: Path) -> list[dict[str, Any]]:
-    """History rows (``run.log`` calls) of an offline run file ``run-<id>.wandb``, values JSON-decoded."""
-    import json
+def _wandb_record_list(path: Path, wait_s: float):
+    """Parsed records; with ``wait_s`` > 0, wait until the run's exit record is on disk.
+
+    ``run.finish()`` returns before wandb's service has necessarily flushed the file's tail, so a
+    reader right after it may see a truncated file for a moment.
+    """
+    import time
 
     from wandb.proto import wandb_internal_pb2 as pb
 
+    deadline = time.monotonic() + wait_s
+    while True:
+        recs = []
+        for raw in _wandb_records(path):
+            rec = pb.Record()
+            rec.ParseFromString(raw)
+            recs.append(rec)
+        if wait_s <= 0 or any(r.WhichOneof("record_type") == "exit" for r in recs) or time.monotonic() > deadline:
+            return recs
+        time.sleep(0.2)
+
+
+def read_wandb_history(path: Path, wait_s: float = 0.0) -> list[dict[str, Any]]:
+    """History rows (``run.log`` calls) of an offline run file ``run-<id>.wandb``, values JSON-decoded.
+
+    ``wait_s``: wait up to this long for the finished run's last records to reach the disk.
+    """
+    import json
+
     rows = []
-    for raw in _wandb_records(path):
-        rec = pb.Record()
-        rec.ParseFromString(raw)
+    for rec in _wandb_record_list(path, wait_s):
         if rec.WhichOneof("record_type") != "history":
             continue
         row = {}

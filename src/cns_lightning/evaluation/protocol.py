@@ -200,14 +200,19 @@ class ContinualEvaluator:
             for m, was in zip(mods, modes):
                 m.train(was)
 
-    def generate(self, pipe, prompts: Sequence[str]) -> list[list[Image.Image]]:
-        """``n_samples`` images per prompt; sample k of prompt j always uses seed + 1000 j + k."""
+    def generate(self, pipe, prompts: Sequence[str], seed_index: Sequence[int] | None = None) -> list[list[Image.Image]]:
+        """``n_samples`` images per prompt; sample k of prompt j uses seed + 1000 j + k.
+
+        ``seed_index[j]`` replaces j in the seed (prompts of several groups share one batch while
+        each keeps the noise of its own position), so every stage sees the same noise.
+        """
+        idx = list(range(len(prompts))) if seed_index is None else list(seed_index)
         jobs = [(j, k) for j in range(len(prompts)) for k in range(self.n_samples)]
         out: list[list[Image.Image]] = [[] for _ in prompts]
         with self._eval_mode(pipe), torch.no_grad():
             for b in range(0, len(jobs), self.batch_size):
                 chunk = jobs[b : b + self.batch_size]
-                gens = [torch.Generator(self.generator_device).manual_seed(self.seed + 1000 * j + k) for j, k in chunk]
+                gens = [torch.Generator(self.generator_device).manual_seed(self.seed + 1000 * idx[j] + k) for j, k in chunk]
                 kwargs = dict(height=self.resolution, width=self.resolution) if self.resolution else {}
                 images = pipe(
                     prompt=[prompts[j] for j, _ in chunk],
@@ -287,11 +292,36 @@ class ContinualEvaluator:
             rel.append(str(path.relative_to(self.run_dir)))
         return rel
 
-    def _evaluate(self, pipe, prompts: list[EvalPrompt], folder: str, key: str) -> dict[str, Any]:
-        images = self.generate(pipe, [p.generate for p in prompts])
-        res = self.score(prompts, images)
-        res["samples"] = self._save_samples(folder, key, images)
-        return res
+    def _evaluate_groups(self, pipe, groups: list[tuple[list[EvalPrompt], str]], folder: str) -> dict[str, dict[str, Any]]:
+        """Generate the groups' prompts in shared batches, score and save each group.
+
+        Groups go in waves of about 16 batches, so few batches are partly empty and at most a wave
+        of images is held in memory (the paper's protocol makes thousands per stage).
+        """
+        out: dict[str, dict[str, Any]] = {}
+        wave: list[tuple[list[EvalPrompt], str]] = []
+        limit = 16 * self.batch_size
+        for g in groups:
+            wave.append(g)
+            if sum(len(p) for p, _ in wave) * self.n_samples >= limit:
+                out.update(self._evaluate_wave(pipe, wave, folder))
+                wave = []
+        if wave:
+            out.update(self._evaluate_wave(pipe, wave, folder))
+        return out
+
+    def _evaluate_wave(self, pipe, groups: list[tuple[list[EvalPrompt], str]], folder: str) -> dict[str, dict[str, Any]]:
+        flat = [p for prompts, _ in groups for p in prompts]
+        index = [j for prompts, _ in groups for j in range(len(prompts))]
+        images = self.generate(pipe, [p.generate for p in flat], seed_index=index)
+        out, start = {}, 0
+        for prompts, key in groups:
+            ims = images[start : start + len(prompts)]
+            start += len(prompts)
+            res = self.score(prompts, ims)
+            res["samples"] = self._save_samples(folder, key, ims)
+            out[key] = res
+        return out
 
     # ------------------------------------------------------------------ the protocol
     def before_training(self, pipe) -> dict[str, float]:
@@ -306,13 +336,15 @@ class ContinualEvaluator:
         base: dict[str, Any] = {k: {} for k in ("clip_i", "clip_t", "clip_i_best", "clip_t_best")}
         samples: dict[str, list[str]] = {}
         details: dict[str, Any] = {}
+        groups = [(single_prompts(c, self.max_prompts, with_token=False), c.name) for c in self.concepts]
+        res_all = self._evaluate_groups(pipe, groups + [(zero_shot(self.zero_shot_prompts, self.max_prompts), "zero_shot")], "stage_00")
         for c in self.concepts:
-            res = self._evaluate(pipe, single_prompts(c, self.max_prompts, with_token=False), "stage_00", c.name)
+            res = res_all[c.name]
             for k in base:
                 base[k][c.name] = res[k]
             samples[c.name] = res["samples"]
             details[c.name] = res["prompts"]
-        zs = self._evaluate(pipe, zero_shot(self.zero_shot_prompts, self.max_prompts), "stage_00", "zero_shot")
+        zs = res_all["zero_shot"]
         samples["zero_shot"] = zs["samples"]
         base["zero_shot_clip_t"] = zs["clip_t"]
         base["zero_shot_clip_t_best"] = zs["clip_t_best"]
@@ -347,13 +379,16 @@ class ContinualEvaluator:
         row = stage - 1
         samples: dict[str, list[str]] = {}
         details: dict[str, Any] = {}
+        groups = [(single_prompts(c, self.max_prompts), c.name) for c in learned]
+        groups.append((zero_shot(self.zero_shot_prompts, self.max_prompts), "zero_shot"))
+        res_all = self._evaluate_groups(pipe, groups, f"stage_{stage:02d}")
         for i, c in enumerate(learned):
-            res = self._evaluate(pipe, single_prompts(c, self.max_prompts), f"stage_{stage:02d}", c.name)
+            res = res_all[c.name]
             for k, M in st.matrices.items():
                 M[row, i] = res[k]
             samples[c.name] = res["samples"]
             details[c.name] = res["prompts"]
-        zs = self._evaluate(pipe, zero_shot(self.zero_shot_prompts, self.max_prompts), f"stage_{stage:02d}", "zero_shot")
+        zs = res_all["zero_shot"]
         samples["zero_shot"] = zs["samples"]
         st.zero_shot["mean"][stage] = zs["clip_t"]
         st.zero_shot["best"][stage] = zs["clip_t_best"]
@@ -367,6 +402,10 @@ class ContinualEvaluator:
 
             write_report(self.run_dir, st)
         return self.stage_metrics(stage)
+
+    def is_evaluated(self, stage: int) -> bool:
+        """Whether row ``stage`` is already in the state (a resumed run can re-evaluate the last stage)."""
+        return self.enabled and self.state is not None and stage in self.state.stages_done
 
     def stage_metrics(self, stage: int) -> dict[str, float]:
         """Flat metrics of one evaluated stage, for the loggers."""
@@ -399,9 +438,11 @@ class ContinualEvaluator:
         if self.max_pairs is not None:
             pairs = pairs[: self.max_pairs]
         if pairs:
+            groups = [(multi_prompts(a, b, self.multi_templates, self.max_prompts), f"{a.name}+{b.name}") for a, b in pairs]
+            res_all = self._evaluate_groups(pipe, groups, "multi")
             rows = []
-            for a, b in pairs:
-                res = self._evaluate(pipe, multi_prompts(a, b, self.multi_templates, self.max_prompts), "multi", f"{a.name}+{b.name}")
+            for (a, b), (_, key) in zip(pairs, groups):
+                res = res_all[key]
                 rows.append({"concepts": [a.name, b.name], **{k: v for k, v in res.items() if k != "prompts"}, "prompts": res["prompts"]})
             keys = [k for k in rows[0] if k not in ("concepts", "prompts", "samples")]
             st.multi = {k: float(np.mean([r[k] for r in rows])) for k in keys}

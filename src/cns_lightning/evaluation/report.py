@@ -205,6 +205,11 @@ def write_report(run_dir: Path, state: EvalState) -> Path:
         f"{state.settings.get('num_inference_steps')} steps, guidance {state.settings.get('guidance_scale')}, "
         f"seed {state.settings.get('seed')}, at most {state.settings.get('max_prompts')} prompts per concept.",
         "",
+        *(
+            ["**A random tiny CLIP scored this run (eval.clip_preset=tiny): the numbers test the plumbing, not "
+             "image quality. Set eval.clip_path to a real CLIP for meaningful scores.**", ""]
+            if state.clip_model.startswith("tiny-random-clip") else []
+        ),
         "Conventions (Custom Diffusion's evaluation script): CLIP-I = 100 x mean cosine of generated vs reference "
         "image embeddings (all pairs); CLIP-T = 100 x 2.5 x max(cos(image, prompt without modifier token), 0). "
         f"**mean** = over all {n} samples per prompt (the honest number); **best-of-{n}** = per prompt the best "
