@@ -71,7 +71,7 @@ def test_tables_average_over_seeds(sweep, tmp_path):
     assert float(comp["full_kv"]["multi_clip_t_mean"]) == pytest.approx(states["full_kv"].multi["clip_t"], abs=1e-6)
     md = paths["table_comparison_md"].read_text()
     assert "| method | seeds | CLIP-I single | CLIP-T single | CLIP-I multi | CLIP-T multi |" in md
-    assert "mean over [2] samples" in md and " ± " in md
+    assert "mean over 2 samples" in md and " ± " in md
     assert "| CLIP-I | CLIP-T |" in paths["table_ablation_md"].read_text()
 
 
@@ -82,7 +82,7 @@ def test_concept1_curve_and_best_of(sweep, tmp_path):
     assert [int(r["stage"]) for r in curve] == [1, 2]
     assert [float(r["clip_i_mean"]) for r in curve] == pytest.approx(states["full_kv"].matrices["clip_i_best"][:, 0].tolist())
     assert paths["concept1_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "best of [2]" in paths["table_ablation_md"].read_text()
+    assert "best of 2" in paths["table_ablation_md"].read_text()
 
 
 def test_cli(sweep, tmp_path, capsys):

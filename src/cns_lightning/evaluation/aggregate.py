@@ -200,7 +200,7 @@ def aggregate(sweep_dir: Path, out: Path | None = None, best_of: bool = False) -
     out = Path(out) if out else sweep_dir / "aggregate"
     runs = find_runs(sweep_dir)
     groups = by_method(runs)
-    n_samples = sorted({r.state.settings.get("n_samples") for r in runs}, key=str)
+    n_samples = "/".join(str(n) for n in sorted({r.state.settings.get("n_samples") for r in runs}, key=str))
     clip_models = sorted({r.state.clip_model for r in runs})
     label = f"best of {n_samples} samples per prompt" if best_of else f"mean over {n_samples} samples per prompt"
     note = (
