@@ -242,3 +242,17 @@ def test_eval_prompt_token_removal_for_every_category(tmp_path):
         for p in single_prompts(c, None):
             assert isinstance(p, EvalPrompt) and "<new7>" in p.generate and "<new7>" not in p.clip_text
             assert "  " not in p.clip_text and p.clip_text == p.generate.replace("<new7> ", "")
+
+
+def test_dino_matrices_when_a_dino_model_is_given(run, tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8)
+    ViTModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "dino")
+    ev = ContinualEvaluator(**SETTINGS, dino_path=str(tmp_path / "dino"))
+    ev.setup(tmp_path / "run", run["concepts"][:2], "cpu")
+    m = ev.after_stage(run["pipe"], 1, run["concepts"][:1])
+    assert set(ev.state.matrices) == {"clip_i", "clip_t", "clip_i_best", "clip_t_best", "dino", "dino_best"}
+    assert m["eval/dino/teddy"] == ev.state.matrices["dino"][0, 0] and -100 <= m["eval/dino/teddy"] <= 100
+    assert json.loads((tmp_path / "run" / "eval" / "state.json").read_text())["dino_model"] == str(tmp_path / "dino")
