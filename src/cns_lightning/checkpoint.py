@@ -136,14 +136,29 @@ def _sha256_file(path: Path, stage: Path) -> str:
     return digest.hexdigest()
 
 
+def _canonical_header(data: bytes) -> bytes:
+    """Rewrite a safetensors header with sorted keys, so the file's bytes are reproducible.
+
+    safetensors writes ``__metadata__`` from a Rust HashMap, whose order changes from process to
+    process: the same stage saved twice would get different bytes and hashes. Key order does not
+    matter to readers; tensor offsets are relative to the end of the header, so they stay valid.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % 8)  # keep the data 8-byte aligned, as safetensors does
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor],
                  metadata: dict[str, str] | None = None) -> str:
     """Save ``tensors`` as a safetensors file, atomically; return the sha256 of its bytes.
 
     Tensors are made contiguous and moved to CPU; they must not share memory with each other.
+    The same tensors and metadata always give the same bytes (see :func:`_canonical_header`).
     """
     flat = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-    data = _st_save(flat, metadata=metadata)
+    data = _canonical_header(_st_save(flat, metadata=metadata))
     atomic_write_bytes(path, data)
     return sha256_bytes(data)
 
