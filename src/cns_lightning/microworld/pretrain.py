@@ -170,6 +170,7 @@ def train_unet(unet, text_encoder, mus, stds, ids, empty_ids, scale, steps, batc
     ac = sched.alphas_cumprod.to(dev)
     snr = ac / (1 - ac)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     unet.train()
     text_encoder.eval().requires_grad_(False)
@@ -198,8 +199,7 @@ def train_unet(unet, text_encoder, mus, stds, ids, empty_ids, scale, steps, batc
         opt.step()
         with torch.no_grad():
             d = min(0.999, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - d)
+            torch._foreach_lerp_(ema_params, unet_params, 1 - d)
         if step % 500 == 0 or step == steps - 1:
             log(f"unet step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s")
         if time.time() - t0 > max_s:
@@ -281,7 +281,7 @@ def sample(pipe, prompts, guidance, seed, steps=25, batch=256):
     return np.concatenate(out)
 
 
-def evaluate(clip, tok, pipe, n_eval, seed, out_dir: Path, log) -> dict:
+def evaluate(clip, tok, pipe, n_eval, seed, out_dir: Path, log, guidances=(3.0, 5.0)) -> dict:
     from PIL import Image
 
     clip.eval()
@@ -300,19 +300,20 @@ def evaluate(clip, tok, pipe, n_eval, seed, out_dir: Path, log) -> dict:
     scores["clip_t_heldout_real_shuffled"] = clip_t(clip, tok, real, caps[1:] + caps[:1])
     log(json.dumps(scores))
     if pipe is not None:
-        for gs in (3.0, 5.0, 7.5):
+        for gs in guidances:
             gen = sample(pipe, caps, gs, seed)
             key = f"gs{gs:g}"
             scores[f"pipeline_clip_t_heldout_{key}"] = clip_t(clip, tok, gen, caps)
             scores[f"pipeline_attribute_accuracy_heldout_{key}"] = attribute_accuracy(clip, tok, gen, held)
             log(f"{key}: clip_t {scores[f'pipeline_clip_t_heldout_{key}']:.4f} attr {scores[f'pipeline_attribute_accuracy_heldout_{key}']}")
-            if gs == 5.0:
+            if gs == guidances[0]:
                 grid = np.concatenate([np.concatenate(list(real[:16]), 1), np.concatenate(list(gen[:16]), 1)], 0)
                 Image.fromarray(grid).save(out_dir / "samples.png")
                 (out_dir / "samples.txt").write_text("\n".join(caps[:16]) + "\n")
-        gen = sample(pipe, [s.caption() for s in seen], 5.0, seed)
-        scores["pipeline_clip_t_seen_gs5"] = clip_t(clip, tok, gen, [s.caption() for s in seen])
-        scores["pipeline_attribute_accuracy_seen_gs5"] = attribute_accuracy(clip, tok, gen, seen)
+        g0 = guidances[0]
+        gen = sample(pipe, [s.caption() for s in seen], g0, seed)
+        scores[f"pipeline_clip_t_seen_gs{g0:g}"] = clip_t(clip, tok, gen, [s.caption() for s in seen])
+        scores[f"pipeline_attribute_accuracy_seen_gs{g0:g}"] = attribute_accuracy(clip, tok, gen, seen)
         scores["clip_t_seen_real"] = clip_t(clip, tok, real_seen, [s.caption() for s in seen])
     return scores
 
@@ -341,6 +342,7 @@ def main(argv=None) -> None:
     ap.add_argument("--unet-lr", type=float, default=4e-4)
     ap.add_argument("--unet-max-seconds", type=float, default=200)
     ap.add_argument("--n-eval", type=int, default=300)
+    ap.add_argument("--guidances", default="3,5", help="classifier-free guidance scales to score")
     a = ap.parse_args(argv)
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -404,7 +406,8 @@ def main(argv=None) -> None:
     if stages & {"clip", "vae", "unet"}:
         save_pipeline(pipe, a.out / "pipeline")
     if "eval" in stages:
-        info["scores"] = evaluate(clip, tok, pipe, a.n_eval, a.seed, a.out, log)
+        gs = tuple(float(g) for g in a.guidances.split(","))
+        info["scores"] = evaluate(clip, tok, pipe, a.n_eval, a.seed, a.out, log, guidances=gs)
     info["total_seconds"] = time.time() - t0
     (a.out / "scores.json").write_text(json.dumps(info, indent=2) + "\n")
     log(f"done in {info['total_seconds']:.0f}s")

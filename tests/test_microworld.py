@@ -1,0 +1,163 @@
+"""The micro world: deterministic rendering, the 20 personal concepts, and the shipped models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cns_lightning.microworld import concepts as C
+from cns_lightning.microworld import world as W
+from cns_lightning.microworld.assets import CLIP_DIR, PIPELINE_DIR, ROOT
+from cns_lightning.microworld.metrics import pairwise_accuracy, pixel_values
+from cns_lightning.tokenizer import clip_tokenizer
+
+# --------------------------------------------------------------------------------------------- world
+
+
+def test_rendering_is_deterministic_and_64px():
+    rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+    for _ in range(10):
+        sa, sb = W.sample_scene(rng_a), W.sample_scene(rng_b)
+        assert sa == sb
+        a, b = np.asarray(sa.render()), np.asarray(sb.render())
+        assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+        assert np.array_equal(a, b)
+    s = W.Scene((W.Obj("star", "red", "striped", "large", "left"),), "sand", "outline", seed=1)
+    assert s.caption() == "a large red striped star on the left, on a sand background, in outline style"
+    assert not np.array_equal(np.asarray(s.render()), np.asarray(W.Scene(s.objects, "sand", "outline", seed=2).render()))
+
+
+def test_every_attribute_value_renders_differently():
+    base = W.Scene((W.Obj("circle", "red", "solid", "large", "center"),), "white", "none", seed=0)
+    for attr in W.ATTRIBUTES:
+        imgs = [np.asarray(W.with_attribute(base, attr, v).render()).astype(int) for v in W.attribute_values(attr)]
+        for i in range(len(imgs)):
+            for j in range(i + 1, len(imgs)):
+                assert np.abs(imgs[i] - imgs[j]).mean() > 1.0, (attr, i, j)
+
+
+def test_heldout_pairs_split():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        s = W.sample_scene(rng, "train")
+        assert all((o.colour, o.noun) not in W.HELDOUT_PAIRS for o in s.objects)
+    for s in W.heldout_scenes(50):
+        assert (s.objects[0].colour, s.objects[0].noun) in W.HELDOUT_PAIRS
+
+
+def test_vocabulary_is_plain_clip_words():
+    tok = clip_tokenizer()
+    words = list(W.COLOURS) + list(W.NOUNS) + list(W.PATTERNS) + list(W.BACKGROUNDS) + list(W.STYLES[1:])
+    unk = tok.convert_tokens_to_ids(tok.unk_token)
+    for w in words:
+        ids = tok(w, add_special_tokens=False).input_ids
+        assert ids and unk not in ids and "".join(tok.convert_ids_to_tokens(ids)) == w + "</w>"
+
+
+# --------------------------------------------------------------------------------------------- concepts
+
+
+def test_twenty_concepts_with_the_paper_mix():
+    assert len(C.CONCEPTS) == 20 and C.seq20 == list(C.CONCEPTS)
+    cats = [c.category for c in C.CONCEPTS.values()]
+    assert {k: cats.count(k) for k in C.CATEGORIES} == {"live_subject": 8, "object": 6, "style": 3, "scene": 3}
+    assert len(C.seq7) == 7 and {C.CONCEPTS[n].category for n in C.seq7} == set(C.CATEGORIES)
+    for c in C.CONCEPTS.values():
+        assert 4 <= c.n_images <= 6
+        caps = c.captions()
+        assert len(caps) == c.n_images and all(cap.count("{token}") == 1 for cap in caps)
+        if c.category in ("live_subject", "object"):
+            assert c.class_name in W.CLASS_NOUNS and all(f"{{token}} {c.class_name}" in cap for cap in caps)
+        assert c.eval_prompts and all("{token}" in p and "{class}" in p for p in c.eval_prompts)
+        # the class prompt is a valid world caption
+        assert "{token}" not in C.class_prompt(caps[0]) and "  " not in C.class_prompt(caps[0])
+
+
+def test_concept_glyphs_are_not_world_objects():
+    """A personal subject differs from its generic class glyph in every world colour."""
+    for name in ("dog_patch", "cup_heart", "fish_clown"):
+        c = C.CONCEPTS[name]
+        mine = np.asarray(C.render(W.Scene((W.Obj(c.class_name, glyph=name),), "white", seed=0))).astype(int)
+        for colour in W.COLOURS:
+            generic = np.asarray(W.Scene((W.Obj(c.class_name, colour),), "white", seed=0).render()).astype(int)
+            assert np.abs(mine - generic).mean() > 3.0
+
+
+def test_materialize_is_deterministic_idempotent_and_atomic(tmp_path):
+    for name in ("cat_tuxedo", "style_neon", "scene_island"):
+        a = C.materialize(name, tmp_path / "a")
+        b = C.materialize(name, tmp_path / "b")
+        assert a == tmp_path / "a" / name
+        lines = [json.loads(x) for x in (a / "metadata.jsonl").read_text().splitlines()]
+        assert len(lines) == C.CONCEPTS[name].n_images
+        assert [x["file_name"] for x in lines] == [f"{i:02d}.png" for i in range(len(lines))]
+        assert all("{token}" in x["text"] for x in lines)
+        for x in lines:
+            assert (a / x["file_name"]).read_bytes() == (b / x["file_name"]).read_bytes()
+        mtime = (a / "00.png").stat().st_mtime_ns
+        assert C.materialize(name, tmp_path / "a") == a and (a / "00.png").stat().st_mtime_ns == mtime
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]  # no temp folders left
+    with pytest.raises(KeyError, match="unknown micro concept"):
+        C.materialize("nope", tmp_path)
+
+
+def test_prompt_sets():
+    cal = C.calibration_prompts()
+    assert len(cal) == 20 == len(set(cal))
+    assert not any(noun in p.split() for p in cal for noun in W.CLASS_NOUNS)
+    zs = C.zero_shot_scenes()
+    assert all((s.objects[0].colour, s.objects[0].noun) in W.HELDOUT_PAIRS for s in zs)
+    assert C.zero_shot_prompts() == [s.caption() for s in zs]
+    multi = C.multi_concept_prompts(C.seq7)
+    assert multi and all(len(m.concepts) == 2 for m in multi)
+    tokens = {n: f"<new{i}>" for i, n in enumerate(C.seq7)}
+    for m in multi:
+        text = m.render(tokens)
+        assert all(tokens[c] in text for c in m.concepts) and "{" not in text
+
+
+# --------------------------------------------------------------------------------------------- shipped models
+
+
+def test_shipped_assets_fit_the_budget():
+    files = [p for p in ROOT.rglob("*") if p.is_file()]
+    assert files
+    assert max(p.stat().st_size for p in files) <= 16 * 2**20
+    assert sum(p.stat().st_size for p in files) <= 40 * 2**20
+
+
+def test_shipped_pipeline_loads_with_plain_diffusers_and_generates():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(PIPELINE_DIR))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.float32
+    assert any(n.endswith("attn2.to_k") for n, _ in pipe.unet.named_modules())
+    prompt = "a large red circle in the center, on a white background"
+    assert pipe.tokenizer(prompt).input_ids == clip_tokenizer()(prompt).input_ids
+    out = pipe(prompt, num_inference_steps=4, guidance_scale=3.0, generator=torch.Generator().manual_seed(0), output_type="np")
+    img = out.images[0]
+    assert img.shape == (64, 64, 3) and np.isfinite(img).all() and img.std() > 0.02
+
+
+def test_shipped_clip_ranks_true_captions_above_wrong_attributes():
+    from transformers import CLIPModel, CLIPProcessor, CLIPTextModel
+
+    clip = CLIPModel.from_pretrained(str(CLIP_DIR)).eval()
+    proc = CLIPProcessor.from_pretrained(str(CLIP_DIR))
+    scenes = W.heldout_scenes(64, seed=4242)
+    images = [s.render() for s in scenes]
+    ours = pixel_values(images[:4])
+    theirs = proc(images=images[:4], return_tensors="pt").pixel_values
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    acc = pairwise_accuracy(clip, proc.tokenizer, images, scenes, np.random.default_rng(0))
+    assert acc >= 0.8, f"held-out pairwise caption accuracy {acc:.2f} (chance 0.5)"
+    # the pipeline's text encoder is the CLIP's text tower
+    te = CLIPTextModel.from_pretrained(str(PIPELINE_DIR / "text_encoder"))
+    ids = proc.tokenizer(["a small blue dog on the left, on a grass background"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(te(ids).last_hidden_state, clip.text_model(ids).last_hidden_state, atol=1e-5)
