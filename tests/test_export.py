@@ -47,6 +47,15 @@ class StageSnapshots:
     def finish(self, pipe, concepts):
         pass
 
+    def is_evaluated(self, stage):
+        return stage < len(StageSnapshots.stages)
+
+    def stage_images(self, stage):
+        return None
+
+    def stage_tables(self):
+        return None
+
 
 def tiny_run(root: Path) -> tuple[Path, list[dict]]:
     """A finished 2-concept run on the tiny model (made once per session) and its in-memory

@@ -22,6 +22,7 @@ from .data import ConceptDataModule
 from .models import cross_attention_kv
 from .module import CNSModule, NonFiniteLossError
 from .preflight import check_concept_inputs, check_config_values, check_disk_space, oom_message, output_bytes
+from .evaluation.loggers import build_loggers, finish_loggers, log_stage
 from .prior import model_fingerprint, prior_images
 from .selection import SelectionConfig, encode_norms, mask_stats, random_like_counts, select_concept_neurons
 from .state import apply_stage, completed_stages, save_stage, stage_dir
@@ -125,9 +126,8 @@ def select_masks(method: DictConfig, module: CNSModule, concept: Concept, captio
 
 
 def make_loggers(cfg: DictConfig) -> list:
-    if not cfg.get("logger"):
-        return []
-    return [instantiate(v) for v in cfg.logger.values() if v is not None and "_target_" in v]
+    """Lightning loggers of ``cfg.logger`` (W&B offline unless WANDB_MODE says otherwise)."""
+    return build_loggers(cfg.get("logger"))
 
 
 def make_evaluator(cfg: DictConfig, run_dir: Path, concepts: list[Concept], device):
@@ -175,6 +175,7 @@ def run(cfg: DictConfig) -> dict:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
     pipe.to(device)
     fingerprint = model_fingerprint(pipe)
+    save_json(run_dir / "base_model.json", {"fingerprint": fingerprint, "name": str(cfg.model.get("name", ""))})
     token_ids = add_concept_tokens(pipe.tokenizer, pipe.text_encoder, concepts)
     resolution = int(cfg.data.resolution)
     check_outputs_fit(cfg, pipe, run_dir, cache_dir, len(concepts))
@@ -217,6 +218,9 @@ def run(cfg: DictConfig) -> dict:
     evaluator = make_evaluator(cfg, run_dir, concepts, device)
     if evaluator is not None and not done:
         evaluator.before_training(pipe)
+    if evaluator is not None and done and not evaluator.is_evaluated(len(done)):
+        # interrupted between saving stage len(done) and evaluating it
+        evaluator.after_stage(pipe, len(done), concepts[: len(done)])
 
     # 4. the continual sequence
     stages_info = [s["info"] for s in done]
@@ -264,17 +268,14 @@ def run(cfg: DictConfig) -> dict:
         stages_info.append(info)
         if evaluator is not None:
             metrics = evaluator.after_stage(pipe, m + 1, concepts[: m + 1])
-            for lg in loggers:
-                lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=module.step_offset)
+            log_stage(loggers, m + 1, metrics, images=evaluator.stage_images(m + 1), tables=evaluator.stage_tables())
         save_json(run_dir / "summary.json", summary(cfg, concepts, stages_info, status=f"stage {m + 1} of {len(concepts)} done"))
 
     if evaluator is not None:
         evaluator.finish(pipe, concepts)
     result = summary(cfg, concepts, stages_info, status="complete")
     save_json(run_dir / "summary.json", result)
-    for lg in loggers:
-        if hasattr(lg, "finalize"):
-            lg.finalize("success")
+    finish_loggers(loggers)  # wandb.finish() per job: every multirun job is its own W&B run
     return result
 
 
