@@ -29,11 +29,16 @@ def add_concept_tokens(tokenizer, text_encoder, concepts: list[Concept]) -> dict
             )
         tokenizer.add_tokens([c.token])
         ids[c.name] = tokenizer.convert_tokens_to_ids(c.token)
+    # every token must read back, in a caption, as its own id (tokens differing only in case do not)
+    for i, c in enumerate(concepts):
         in_text = tokenizer(c.token, add_special_tokens=False).input_ids
         if in_text != [ids[c.name]]:
-            same = [d.token for d in concepts[:i] if [ids[d.name]] == in_text]
-            why = f"it reads as data.concepts token {same[0]!r} (the tokenizer ignores case)" if same else f"it reads as ids {in_text}"
-            raise ConceptError(f"{where}: in a caption the tokenizer does not read it as its own new token ({why}); give every concept its own token such as '<new{i + 1}>'")
+            same = [f"data.concepts[{j}].token={d.token!r}" for j, d in enumerate(concepts) if j != i and [ids[d.name]] == in_text]
+            why = f"it reads as {same[0]} (the tokenizer ignores case)" if same else f"it reads as ids {in_text}"
+            raise ConceptError(
+                f"data.concepts[{i}].token={c.token!r}: in a caption the tokenizer does not read it as its own new token "
+                f"({why}); give every concept its own token such as '<new{i + 1}>'"
+            )
     text_encoder.resize_token_embeddings(len(tokenizer))
     emb = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
