@@ -353,3 +353,12 @@ def test_gpu_out_of_memory_names_the_knobs(tmp_path, concept_dirs, monkeypatch, 
     for knob in ("data.batch_size", "prior.batch_size", "trainer.precision=bf16-mixed", "model.resolution"):
         assert knob in msg, msg
     assert stage_names(tmp_path / "run") == []
+
+
+def test_a_stage_stopped_early_is_not_saved_as_complete(tmp_path, concept_dirs):
+    """Lightning returns normally when something stops training early (here max_time): the loop
+    must not save that half-trained stage as complete, or a rerun would trust it."""
+    cfg = compose_cfg(tmp_path, [concepts_override(concept_dirs[:1]), *FAST_INPROC, "method.steps=50", "++trainer.max_time=00:00:00:00"])
+    with pytest.raises(continual.RunError, match=r"stopped after \d+ of method.steps=50 steps, so it was not saved"):
+        continual.run(cfg)
+    assert stage_names(tmp_path / "run") == []

@@ -254,6 +254,11 @@ def run(cfg: DictConfig) -> dict:
             ) from e
         except torch.OutOfMemoryError as e:
             raise RunError(oom_message(f"training of stage {m + 1} ({concept.name!r})", e)) from e
+        if trainer.global_step < int(method.steps):  # stopped early (a callback, max_time ...): never save it as complete
+            raise RunError(
+                f"stage {m + 1} ({concept.name!r}) stopped after {trainer.global_step} of method.steps={int(method.steps)} steps, "
+                f"so it was not saved; stages 1-{m} are intact. Rerun the same command to train stage {m + 1} again."
+            )
         module.end_stage()
         module.step_offset += trainer.global_step
         info = dict(
