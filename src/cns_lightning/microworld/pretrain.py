@@ -272,7 +272,8 @@ def save_pipeline(pipe, folder: Path) -> None:
 
 
 @torch.no_grad()
-def sample(pipe, prompts, guidance, seed, steps=25, batch=256):
+def sample(pipe, prompts, guidance, seed, steps=25, batch=None):
+    batch = batch or (256 if pipe.device.type == "cuda" else 8)
     out = []
     for i in range(0, len(prompts), batch):
         g = torch.Generator(pipe.device).manual_seed(seed + i)
@@ -360,15 +361,18 @@ def main(argv=None) -> None:
         logf.flush()
 
     t0 = time.time()
-    imgs_np, ids_np = make_data(a.n_train, a.seed, a.workers)  # before CUDA starts (forked workers)
-    log(f"data: {len(imgs_np)} scenes in {time.time() - t0:.0f}s")
+    training = bool(stages & {"clip", "vae", "unet"})
+    if training:
+        imgs_np, ids_np = make_data(a.n_train, a.seed, a.workers)  # before CUDA starts (forked workers)
+        log(f"data: {len(imgs_np)} scenes in {time.time() - t0:.0f}s")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(a.seed)
     gen = torch.Generator(dev).manual_seed(a.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     info = {"args": {k: str(v) for k, v in vars(a).items()}, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
-    imgs, ids = torch.from_numpy(imgs_np).to(dev), torch.from_numpy(ids_np).to(dev)
+    if training:
+        imgs, ids = torch.from_numpy(imgs_np).to(dev), torch.from_numpy(ids_np).to(dev)
     tok = clip_tokenizer()
 
     if a.init is not None:
@@ -403,7 +407,7 @@ def main(argv=None) -> None:
         info["unet_seconds"] = time.time() - t
         del mus, stds
     pipe = build_pipeline(clip, vae, unet).to(dev)
-    if stages & {"clip", "vae", "unet"}:
+    if training:
         save_pipeline(pipe, a.out / "pipeline")
     if "eval" in stages:
         gs = tuple(float(g) for g in a.guidances.split(","))
