@@ -31,6 +31,17 @@ from conftest import FAST, ROOT, concepts_override, make_concept_folder, run_cli
 FAST_INPROC = [*FAST, "~logger"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread(env):
+    """One torch thread, in this process and in CLI runs: tiny models on a shared 2-core machine
+    run many times faster (OpenMP threads spin-wait for each other when the cores are busy)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    env["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(old)
+
+
 def compose_cfg(tmp_path: Path, overrides: list[str]):
     """The CLI's config (same files, same overrides) with the run folder under tmp_path."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
