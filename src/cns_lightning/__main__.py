@@ -7,7 +7,15 @@ import warnings
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+# ${micro_asset:clip} -> the absolute path of a shipped micro-world model folder.
+OMEGACONF_RESOLVERS = {
+    "micro_asset": lambda name: str(Path(__file__).resolve().parent / "assets" / "micro" / name),
+}
+for _name, _fn in OMEGACONF_RESOLVERS.items():
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
 
 
 def config_dir() -> str:
