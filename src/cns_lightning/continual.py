@@ -196,7 +196,8 @@ def run(cfg: DictConfig) -> dict:
     # 3. the module, the calibration norms (Eq. 5 needs them once: the text encoder stays fixed
     #    but for the new tokens), and the stages already completed
     module = CNSModule(
-        pipe, lr_neurons=method.lr_neurons, lr_token=method.lr_token, prior_weight=method.prior_weight,
+        pipe, lr_neurons=method.lr_neurons * float(cfg.model.get("kv_lr_scale", 1.0)),
+        lr_token=method.lr_token * float(cfg.model.get("token_lr_scale", 1.0)), prior_weight=method.prior_weight,
         lambda1=method.lambda1, lambda2=method.lambda2, nan_check_every=cfg.get("nan_check_every", 1),
         log_every=cfg.trainer.get("log_every_n_steps", 10),
     )
