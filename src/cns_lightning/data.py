@@ -5,11 +5,15 @@ the concept's class (with the class prompt). Images are resized on their short s
 (or randomly) cropped to ``resolution`` and flipped with probability ``flip_p``. When the crop is
 deterministic the VAE posterior (mean, std) of every image and of its mirror image is computed
 once (``cache_latents``) and each step samples from it, which is what encoding every step would
-do, at none of the cost.
+do, at none of the cost. The prior images' posteriors are also kept on disk beside the prior
+images (a prior cache folder of prior.py), so later stages and runs skip encoding them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -18,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from .checkpoint import CheckpointError, load_tensors, save_tensors
 from .concepts import Concept
 from .images import load_image
 
@@ -100,20 +105,65 @@ class ConceptDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.dataset: PairedDataset | None = None
 
+    def _encoding(self) -> tuple[torch.device, torch.dtype, bool]:
+        """Where and how the VAE encodes: bf16 autocast on CUDA when the Trainer trains in bf16."""
+        device, dtype = next(self.vae.parameters()).device, next(self.vae.parameters()).dtype
+        precision = str(getattr(self.trainer, "precision", "32-true")) if self.trainer is not None else "32-true"
+        return device, dtype, device.type == "cuda" and "bf16" in precision
+
     def _part(self, images: list[Image.Image], captions: list[str]) -> dict:
         part = {"ids": tokenize(self.tokenizer, captions)}
         if not self.cache_latents:
             part["images"] = images
             return part
         x = torch.stack([to_tensor(im, self.resolution) for im in images])
-        device, dtype = next(self.vae.parameters()).device, next(self.vae.parameters()).dtype
+        device, dtype, bf16 = self._encoding()
+        # On CUDA: 8 images at a time (200 prior images at 512 px in one batch would need tens of
+        # GiB of activations). CPU: fp32, one batch.
+        chunk = 8 if device.type == "cuda" else len(x)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
         means, stds = [], []
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             for variant in (x, torch.flip(x, dims=[3])):
-                dist = self.vae.encode(variant.to(device, dtype)).latent_dist
-                means.append(dist.mean.float().cpu())
-                stds.append(dist.std.float().cpu())
+                m, s = [], []
+                for i in range(0, len(variant), max(1, chunk)):
+                    dist = self.vae.encode(variant[i : i + chunk].to(device, dtype)).latent_dist
+                    m.append(dist.mean.float().cpu())
+                    s.append(dist.std.float().cpu())
+                means.append(torch.cat(m))
+                stds.append(torch.cat(s))
         part["mean"], part["std"] = means, stds
+        return part
+
+    def _prior_latents_file(self) -> Path | None:
+        """Where the prior images' VAE posteriors are kept: beside the images, in a finished prior
+        cache folder (prior.py), keyed by the VAE, the image list, the resolution and the precision."""
+        folders = {Path(p).parent for p in self.prior_images}
+        if not self.cache_latents or len(folders) != 1 or not (next(iter(folders)) / "done.json").is_file():
+            return None
+        _, _, bf16 = self._encoding()
+        h = hashlib.sha256()
+        h.update(json.dumps(dict(self.vae.config), sort_keys=True, default=str).encode())
+        for t in (self.vae.encoder.conv_in.weight, getattr(self.vae, "quant_conv", None) and self.vae.quant_conv.weight):
+            if t is not None:
+                h.update(t.detach().float().cpu().numpy().tobytes())
+        h.update(json.dumps([Path(p).name for p in self.prior_images] + [self.resolution, "bf16" if bf16 else "fp32"]).encode())
+        return next(iter(folders)) / f"latents-{h.hexdigest()[:16]}.safetensors"
+
+    def _prior_part(self) -> dict:
+        cache = self._prior_latents_file()
+        ids = tokenize(self.tokenizer, [self.prior_prompt] * len(self.prior_images))
+        if cache is not None and cache.is_file():
+            try:
+                t = load_tensors(cache)
+                if t["mean0"].shape[0] == len(self.prior_images):
+                    return {"ids": ids, "mean": [t["mean0"], t["mean1"]], "std": [t["std0"], t["std1"]]}
+            except (CheckpointError, KeyError):
+                pass  # unreadable: encode again and overwrite
+        prior_imgs = [load_image(p, reduce_to=self.resolution) for p in self.prior_images]
+        part = self._part(prior_imgs, [self.prior_prompt] * len(prior_imgs))
+        if cache is not None:
+            save_tensors(cache, {"mean0": part["mean"][0], "mean1": part["mean"][1], "std0": part["std"][0], "std1": part["std"][1]})
         return part
 
     def setup(self, stage: str | None = None) -> None:
@@ -122,16 +172,16 @@ class ConceptDataModule(L.LightningDataModule):
         paths = self.concept.image_paths(self.cache_dir)
         images = [load_image(p, min_side=self.resolution // 4, reduce_to=self.resolution) for p in paths]
         instance = self._part(images, self.concept.captions(self.cache_dir))
-        prior = None
-        if self.prior_images:
-            prior_imgs = [load_image(p, reduce_to=self.resolution) for p in self.prior_images]
-            prior = self._part(prior_imgs, [self.prior_prompt] * len(prior_imgs))
+        prior = self._prior_part() if self.prior_images else None
         self.dataset = PairedDataset(instance, prior, self.flip_p, self.random_crop, self.resolution, self.seed)
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
+        # Under DDP every rank draws its own samples (Lightning's distributed sampler is off:
+        # conf/trainer/ddp.yaml), from a stream seeded by the stage seed and the rank.
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        g = torch.Generator().manual_seed(self.seed + 1_000_003 * rank)
         sampler = RandomSampler(self.dataset, replacement=True, num_samples=self.steps * self.batch_size, generator=g)
         return DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, drop_last=True,
+            persistent_workers=self.num_workers > 0, drop_last=True, pin_memory=torch.cuda.is_available(),
         )

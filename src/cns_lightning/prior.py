@@ -3,6 +3,12 @@
 The cache key is the model's fingerprint, the class prompt, the seed, the count and the sampling
 settings, so images are reused across concepts of the same class and across runs. A folder is
 complete only once its ``done.json`` exists (written last); an interrupted generation is redone.
+
+On CUDA the sampler runs under bf16 autocast (``precision``) in large batches, PNGs are written by
+a thread pool while the next batch samples, and under an initialised ``torch.distributed`` group
+each rank generates every world-size-th image into one shared folder (rank 0 finishes it).
+Each image has its own seeded generator, so the images do not depend on the batch size or on
+the number of ranks.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -22,8 +30,10 @@ from .models import cross_attention_kv
 def model_fingerprint(pipe) -> str:
     """A short hash of the base model's identity: its configs and a few of its weights."""
     h = hashlib.sha256()
-    h.update(json.dumps(dict(pipe.unet.config), sort_keys=True, default=str).encode())
-    h.update(json.dumps(dict(pipe.text_encoder.config.to_dict()), sort_keys=True, default=str).encode())
+    # Keys starting with "_" are bookkeeping (paths, versions, and diffusers' `_use_default_values`,
+    # a list in set order that differs between processes): left out, so the key is stable.
+    for config in (dict(pipe.unet.config), dict(pipe.text_encoder.config.to_dict())):
+        h.update(json.dumps({k: v for k, v in config.items() if not str(k).startswith("_")}, sort_keys=True, default=str).encode())
     kv = list(cross_attention_kv(pipe.unet).values())
     for t in (kv[0], kv[-1], pipe.unet.conv_in.weight, pipe.vae.decoder.conv_out.weight):
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
@@ -47,27 +57,70 @@ def prior_images(
     guidance_scale: float = 6.0,
     batch_size: int = 8,
     fingerprint: str | None = None,
+    precision: str = "bf16",
 ) -> list[Path]:
-    """Paths of ``count`` images of ``prompt`` from ``pipe`` (generated once, then read from disk)."""
+    """Paths of ``count`` images of ``prompt`` from ``pipe`` (generated once, then read from disk).
+
+    ``precision``: "bf16" / "fp16" autocast on CUDA, anything else full precision (always fp32 on CPU).
+    """
     fingerprint = fingerprint or model_fingerprint(pipe)
     key = cache_key(fingerprint, prompt, seed, count, resolution, num_inference_steps, guidance_scale)
     folder = Path(cache_dir) / "priors" / key
     if (folder / "done.json").is_file():
         return sorted(folder.glob("*.png"))
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=key + ".tmp"))
+    rank, world = _dist()
+    if world > 1:  # one folder shared by all ranks, named by the key
+        tmp = folder.parent / (key + ".tmp-dist")
+        if rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        _barrier()
+    else:
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=key + ".tmp"))
     device = pipe.unet.device
-    for start in range(0, count, batch_size):
-        n = min(batch_size, count - start)
-        generators = [torch.Generator(device).manual_seed(seed * 100_003 + start + i) for i in range(n)]
-        images = pipe(
-            prompt=[prompt] * n, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            height=resolution, width=resolution, generator=generators,
-        ).images
-        for i, im in enumerate(images):
-            im.save(tmp / f"{start + i:04d}.png")
+    mine = list(range(rank, count, world))
+    autocast = torch.autocast(device.type, dtype=_DTYPES[precision]) if device.type == "cuda" and precision in _DTYPES else nullcontext()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        saves = []
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
+            generators = [torch.Generator(device).manual_seed(seed * 100_003 + i) for i in chunk]
+            with autocast:
+                images = pipe(
+                    prompt=[prompt] * len(chunk), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                    height=resolution, width=resolution, generator=generators,
+                ).images
+            saves += [pool.submit(im.save, tmp / f"{i:04d}.png", compress_level=1) for i, im in zip(chunk, images)]
+        for f in saves:
+            f.result()
+    if world > 1:
+        _barrier()
+        if rank != 0:
+            _barrier()
+            return sorted(folder.glob("*.png"))
     (tmp / "done.json").write_text(json.dumps(dict(prompt=prompt, seed=seed, count=count, model=fingerprint)))
     if folder.exists():  # a leftover from an interrupted run without done.json
         shutil.rmtree(folder)
     os.replace(tmp, folder)
+    if world > 1:
+        _barrier()
     return sorted(folder.glob("*.png"))
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
