@@ -8,6 +8,7 @@ evaluate. Re-running the same command resumes after the last completed stage.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -130,8 +131,26 @@ def make_loggers(cfg: DictConfig) -> list:
     return build_loggers(cfg.get("logger"))
 
 
+def is_main_rank() -> bool:
+    """True outside torch.distributed and on rank 0 (the only rank that writes or evaluates)."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def setup_distributed(device: torch.device) -> torch.device:
+    """Under torchrun (trainer=ddp): one GPU per rank, and the process group made early so prior
+    generation can be split over ranks (Lightning reuses the group)."""
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
 def make_evaluator(cfg: DictConfig, run_dir: Path, concepts: list[Concept], device):
     ev_cfg = cfg.get("eval")
+    if not is_main_rank():
+        return None
     if not ev_cfg or not ev_cfg.get("enabled", True):
         return None
     evaluator = instantiate(ev_cfg)
@@ -173,6 +192,7 @@ def run(cfg: DictConfig) -> dict:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     pipe = instantiate(cfg.model)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    device = setup_distributed(device)
     pipe.to(device)
     fingerprint = model_fingerprint(pipe)
     save_json(run_dir / "base_model.json", {"fingerprint": fingerprint, "name": str(cfg.model.get("name", ""))})
@@ -270,17 +290,20 @@ def run(cfg: DictConfig) -> dict:
         save_stage(
             stage_dir(run_dir, m, concept.name), dict(module.kv()), all_masks,
             pipe.text_encoder.get_input_embeddings().weight[token_ids[concept.name]], selection, info,
+            initial=module.kv_initial(),  # K/V stored as fp16 deltas; the live weights are rounded to match
         )
         stages_info.append(info)
         if evaluator is not None:
             metrics = evaluator.after_stage(pipe, m + 1, concepts[: m + 1])
             log_stage(loggers, m + 1, metrics, images=evaluator.stage_images(m + 1), tables=evaluator.stage_tables())
-        save_json(run_dir / "summary.json", summary(cfg, concepts, stages_info, status=f"stage {m + 1} of {len(concepts)} done"))
+        if is_main_rank():
+            save_json(run_dir / "summary.json", summary(cfg, concepts, stages_info, status=f"stage {m + 1} of {len(concepts)} done"))
 
     if evaluator is not None:
         evaluator.finish(pipe, concepts)
     result = summary(cfg, concepts, stages_info, status="complete")
-    save_json(run_dir / "summary.json", result)
+    if is_main_rank():
+        save_json(run_dir / "summary.json", result)
     finish_loggers(loggers)  # wandb.finish() per job: every multirun job is its own W&B run
     return result
 
