@@ -27,10 +27,11 @@ def make_concept_folder(folder: Path, n: int = 3, seed: int = 0, size: int = 48,
     return folder
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
-    """Tiny models run far faster on one thread than on two contended ones (measured: 35 s -> 2.3 s
-    CPU for a 3-stage evaluation on the 2-core CI machine)."""
+    """One torch thread for the whole session (CLI runs get OMP_NUM_THREADS=1 from ``env``): tiny
+    models run far faster on one thread than on two contended ones (measured: 35 s -> 2.3 s CPU
+    for a 3-stage evaluation on the 2-core CI machine; OpenMP threads spin-wait when cores are busy)."""
     import torch
 
     before = torch.get_num_threads()

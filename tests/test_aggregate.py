@@ -8,22 +8,11 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from test_evaluation import add_tokens, make_concepts, run_sequence
 
 from cns_lightning.evaluation.aggregate import aggregate, main
 from cns_lightning.evaluation.forgetting import final_mean
 from cns_lightning.models import build_random_pipeline
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: one intra-op thread is as fast alone and far faster on a shared 2-core machine
-    (measured: this module's 3-stage run took 35 s of CPU with 2 threads under load, 2.3 s with 1)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

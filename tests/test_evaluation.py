@@ -24,16 +24,6 @@ SETTINGS = dict(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: one intra-op thread is as fast alone and far faster on a shared 2-core machine
-    (measured: this module's 3-stage run took 35 s of CPU with 2 threads under load, 2.3 s with 1)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def make_concepts(root, names=(("teddy", "teddy bear"), ("mug", "mug"), ("vase", "vase"))) -> list[Concept]:
     return [
         Concept(name=n, token=f"<new{i + 1}>", class_name=c, path=make_concept_folder(root / n, n=2, seed=i, size=40))

@@ -32,13 +32,10 @@ FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 @pytest.fixture(scope="module")
 def pipe():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: one thread is many times faster on a busy 2-core machine
     p = build_random_pipeline("tiny")
     concept = Concept(name="teddy", token="<new1>", class_name="teddy bear", path=Path("."))
     p.token_id = add_concept_tokens(p.tokenizer, p.text_encoder, [concept])["teddy"]
     yield p
-    torch.set_num_threads(old)
 
 
 def check_rows(pipe, texts: list[str], ids: torch.Tensor) -> None:

@@ -24,16 +24,6 @@ from cns_lightning.evaluation.metrics import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: one intra-op thread is as fast alone and far faster on a shared 2-core machine
-    (measured: this module's 3-stage run took 35 s of CPU with 2 threads under load, 2.3 s with 1)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _images(n: int, seed: int, size=(40, 28)) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]

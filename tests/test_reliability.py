@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,6 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from cns_lightning import continual
-from cns_lightning.checkpoint import CheckpointError
 from cns_lightning.concepts import ConceptError
 from cns_lightning.images import ImageInputError
 from cns_lightning.module import CNSModule
@@ -30,16 +27,6 @@ from conftest import FAST, ROOT, concepts_override, make_concept_folder, run_cli
 
 FAST_INPROC = [*FAST, "~logger"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread(env):
-    """One torch thread, in this process and in CLI runs: tiny models on a shared 2-core machine
-    run many times faster (OpenMP threads spin-wait for each other when the cores are busy)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    env["OMP_NUM_THREADS"] = "1"
-    yield
-    torch.set_num_threads(old)
 
 
 def compose_cfg(tmp_path: Path, overrides: list[str]):

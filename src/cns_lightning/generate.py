@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError
-from .concepts import Concept, ConceptError
+from .concepts import ConceptError
 from .restore import RestoreError, RunInfo, check_stage, load_run, read_run
 
 # A token-like word in a prompt: <anything without spaces or brackets>.

@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from . import world as W
-from .world import Obj, Scene, _box, _P, _poly_star
+from .world import Obj, Scene, _box, _P
 
 CATEGORIES = ("live_subject", "object", "style", "scene")
 
@@ -464,7 +464,7 @@ def materialize(name: str, root: Path | str) -> Path:
     written into a temporary folder beside it and renamed into place, so no half-written folder
     is ever visible.
     """
-    c = _get(name)
+    _get(name)  # raises for an unknown concept name
     root = Path(root)
     out = root / name
     if (out / "metadata.jsonl").is_file():
