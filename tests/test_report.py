@@ -61,7 +61,7 @@ def test_report_tables_figures_and_selection(tmp_path):
     assert "| zero-shot CLIP-T, base model | 70.00 | 72.00 |" in md
     # forgetting of concept 1: 71.25 - 66.5
     assert "| CLIP-I forgetting (max earlier - final) | 4.75 |" in md
-    assert "## Neuron selection" in md and "| 2 | mug | 0.20 | 0.10 | 0.09 | 0.53 |" in md
+    assert "## Neuron selection" in md and "| 2 | mug | 0.2000 | 0.1000 | 0.0900 | 0.5300 |" in md
     assert "random tiny CLIP" not in md
     for fig in ("forgetting_clip_i", "forgetting_clip_t", "curves", "samples", "selection"):
         f = tmp_path / "eval" / "figures" / f"{fig}.png"
@@ -108,7 +108,7 @@ def test_loop_stage_folders_are_read(tmp_path):
     (d / "selection.json").write_text(json.dumps(stats))
     assert read_selection_stats(tmp_path) == [(2, "mug", stats)]
     md = write_report(tmp_path, make_state(tmp_path)).read_text()
-    assert "| 2 | mug | — | — | 0.25 | — |" in md and "| a.attn2.to_k.weight | — | — | 0.25 | — |" in md
+    assert "| 2 | mug | — | — | 0.2500 | — |" in md and "| a.attn2.to_k.weight | — | — | 0.2500 | — |" in md
 
 
 def test_selection_folder_layout_is_read_too(tmp_path):

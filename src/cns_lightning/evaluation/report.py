@@ -177,9 +177,9 @@ def _f(v: Any, nd: int = 2) -> str:
     return "—" if math.isnan(v) else f"{v:.{nd}f}"
 
 
-def md_table(columns: list[str], rows: list[list[Any]]) -> str:
+def md_table(columns: list[str], rows: list[list[Any]], nd: int = 2) -> str:
     head = "| " + " | ".join(columns) + " |\n| " + " | ".join("---" for _ in columns) + " |\n"
-    return head + "".join("| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in r) + " |\n" for r in rows)
+    return head + "".join("| " + " | ".join(_f(c, nd) if not isinstance(c, str) else c for c in r) + " |\n" for r in rows)
 
 
 def matrix_table(R: np.ndarray, names: list[str]) -> str:
@@ -266,10 +266,10 @@ def write_report(run_dir: Path, state: EvalState) -> Path:
     if stats:
         lines += ["## Neuron selection", ""]
         keys = ["base_density", "general_density", "concept_density", "general_share_of_base"]
-        lines += [md_table(["stage", "concept"] + keys, [[str(st), nm, *[d.get("total", {}).get(k) for k in keys]] for st, nm, d in stats])]
+        lines += [md_table(["stage", "concept"] + keys, [[str(st), nm, *[d.get("total", {}).get(k) for k in keys]] for st, nm, d in stats], nd=4)]
         p = plot_selection(stats, figs / "selection.png")
         lines += [f"![selection]({p.relative_to(run_dir)})", "", f"Per layer, stage {stats[-1][0]} ({stats[-1][1]}):", ""]
-        lines += [md_table(["layer"] + keys, [[layer, *[v.get(k) for k in keys]] for layer, v in stats[-1][2]["layers"].items()])]
+        lines += [md_table(["layer"] + keys, [[layer, *[v.get(k) for k in keys]] for layer, v in stats[-1][2]["layers"].items()], nd=4)]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
