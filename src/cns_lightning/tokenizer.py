@@ -17,7 +17,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -61,11 +60,10 @@ def tokenizer_files(cache_dir: str | os.PathLike | None = None) -> tuple[Path, P
         return vocab_path, merges_path
     root.mkdir(parents=True, exist_ok=True)
     vocab, merges = build_vocab_and_merges()
+    from .checkpoint import atomic_write_bytes
+
     for path, text in ((vocab_path, json.dumps(vocab)), (merges_path, "#version: 0.2\n" + "\n".join(merges) + "\n")):
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=path.name + ".")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, text.encode("utf-8"))
     return vocab_path, merges_path
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..checkpoint import atomic_write_bytes
 from .forgetting import from_json, new_matrix, to_json
 
 STATE_VERSION = 1
@@ -25,20 +24,8 @@ MATRIX_KEYS = ("clip_i", "clip_t", "clip_i_best", "clip_t_best", "dino", "dino_b
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder, fsync, os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` (UTF-8) atomically: ``checkpoint.atomic_write_bytes`` (temp file, fsync, rename, mode 0644)."""
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
