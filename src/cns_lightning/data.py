@@ -59,8 +59,8 @@ class PairedDataset(Dataset):
 
     def _item(self, part: dict, i: int, prefix: str, rng: np.random.Generator) -> dict:
         flip = bool(rng.random() < self.flip_p)
-        out = {f"{prefix}_input_ids": part["ids"][i % len(part["ids"])]}
         i = i % len(part["ids"])
+        out = {f"{prefix}_input_ids": part["ids"][i]}
         if "mean" in part:
             out[f"{prefix}_mean"] = part["mean"][int(flip)][i]
             out[f"{prefix}_std"] = part["std"][int(flip)][i]
