@@ -1,65 +1,16 @@
 """Masked updates: only the selected entries of a parameter may change during a stage.
 
-Two ways, both bit-exact outside the masks:
-
-* ``MaskedAdam`` (what training uses): Adam over a compact copy of only the masked entries. Each
-  step gathers the gradient at the mask's flat indices, runs one fused (CUDA) or foreach/single-
-  tensor (CPU) Adam update over the compact vector, and writes the new values back with
-  ``index_copy_`` at those indices. Entries outside the mask are never written, and the
-  optimizer's state is the size of the masks, not of the weights.
-* ``MaskedUpdates`` (kept for optimizers that update whole tensors): gradient masks
-  (``Tensor.register_hook``) plus a post-step hook that copies the entries outside the mask back
-  from the stage-start reference after every step, whatever the optimizer did.
+``MaskedAdam``: Adam over a compact copy of only the masked entries. Each step gathers the
+gradient at the mask's flat indices, runs one fused (CUDA) or foreach/single-tensor (CPU) Adam
+update over the compact vector, and writes the new values back with ``index_copy_`` at those
+indices. Entries outside the mask are never written (bit-exact), and the optimizer's state is the
+size of the masks, not of the weights.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch
-
-
-@dataclass
-class MaskedParam:
-    param: torch.nn.Parameter
-    mask: torch.Tensor  # bool, broadcastable to param (a row mask for embeddings: shape (rows, 1))
-    reference: torch.Tensor = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.reference = self.param.detach().clone()
-
-
-class MaskedUpdates:
-    """Attach gradient masks and a post-step restore to a set of (parameter, mask) pairs."""
-
-    def __init__(self, pairs: list[MaskedParam]):
-        self.pairs = pairs
-        self._handles: list = []
-
-    def attach_gradient_masks(self) -> None:
-        for mp in self.pairs:
-            mask = mp.mask
-
-            def hook(grad: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
-                return grad * mask.to(grad.dtype)
-
-            self._handles.append(mp.param.register_hook(hook))
-
-    def attach_to_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        def restore(opt, args, kwargs) -> None:  # noqa: ARG001 (hook signature)
-            self.restore_outside_masks()
-
-        self._handles.append(optimizer.register_step_post_hook(restore))
-
-    @torch.no_grad()
-    def restore_outside_masks(self) -> None:
-        for mp in self.pairs:
-            mp.param.data.copy_(torch.where(mp.mask, mp.param.data, mp.reference))
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
 
 def row_mask(num_rows: int, rows: list[int], device=None) -> torch.Tensor:

@@ -134,15 +134,15 @@ class CNSModule(L.LightningModule):
         overlap = {n: m for n, m in overlap_masks(masks, [self.concept_masks(k) for k in earlier]).items() if n in trainable_kv}
         initial = self.kv_initial()
         with torch.no_grad():
-            previous = {n: p.detach().clone() for n, p in trainable_kv.items()}  # W_{m-1} of Eq. 7
-            # Eq. 7 only looks at the entries of M: keep their flat indices and W_{m-1}, W_0 there.
+            # Eq. 7 only looks at the entries of M: keep their flat indices and W_{m-1}, W_0 there
+            # (W_{m-1} = the weights now, at the start of stage m).
             overlap_idx = {n: flat_indices(m, m.shape) for n, m in overlap.items()}
-            previous_c = {n: previous[n].view(-1)[i] for n, i in overlap_idx.items()}
+            previous_c = {n: trainable_kv[n].detach().view(-1)[i] for n, i in overlap_idx.items()}
             initial_c = {n: initial[n].view(-1)[i] for n, i in overlap_idx.items()}
         self._stage = dict(
             key=key, token_ids=list(token_ids), trainable_kv=trainable_kv, embeddings=embeddings,
             kv_masks={n: masks[n] for n in trainable_kv}, token_mask=row_mask(embeddings.shape[0], token_ids, embeddings.device),
-            overlap=overlap, previous=previous, overlap_idx=overlap_idx, previous_c=previous_c, initial_c=initial_c,
+            overlap=overlap, overlap_idx=overlap_idx, previous_c=previous_c, initial_c=initial_c,
             optimizer=None, reg=None,
         )
         self._text_cache.clear()
