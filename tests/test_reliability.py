@@ -185,6 +185,7 @@ def test_bad_modifier_tokens(tmp_path, tokens, expected):
         ("method.lr_neurons=-1", "method.lr_neurons=-1 (int): expected a finite number >= 0"),
         ("data.flip_p=2", "data.flip_p=2 (int): expected a finite number in [0, 1]"),
         ("data.cache_latents=maybe", "data.cache_latents='maybe' (str): expected true or false"),
+        ("model.kv_lr_scale=abc", "model.kv_lr_scale='abc' (str): expected a finite number >= 0"),
     ],
 )
 def test_config_values_of_the_wrong_type(tmp_path, concept_dirs, override, expected):

@@ -42,6 +42,8 @@ _KNOBS: dict[str, tuple[str, float | None, float | None]] = {
     "method.lambda1": ("float", 0.0, None),
     "method.lambda2": ("float", 0.0, None),
     "method.prior_weight": ("float", 0.0, None),
+    "model.kv_lr_scale": ("float", 0.0, None),
+    "model.token_lr_scale": ("float", 0.0, None),
     "data.resolution": ("int", 8, None),
     "data.batch_size": ("int", 1, None),
     "data.num_workers": ("int", 0, None),
