@@ -26,7 +26,7 @@ from .preflight import check_concept_inputs, check_config_values, check_disk_spa
 from .evaluation.loggers import build_loggers, finish_loggers, log_stage
 from .prior import model_fingerprint, prior_images
 from .selection import SelectionConfig, encode_norms, mask_stats, random_like_counts, select_concept_neurons
-from .state import apply_stage, completed_stages, save_stage, stage_dir
+from .state import apply_stage, completed_stages, is_main_rank, save_stage, stage_dir
 from .tokens import add_concept_tokens
 
 NEURON_RULES = ("concept", "random", "all", "none")
@@ -129,11 +129,6 @@ def select_masks(method: DictConfig, module: CNSModule, concept: Concept, captio
 def make_loggers(cfg: DictConfig) -> list:
     """Lightning loggers of ``cfg.logger`` (W&B offline unless WANDB_MODE says otherwise)."""
     return build_loggers(cfg.get("logger"))
-
-
-def is_main_rank() -> bool:
-    """True outside torch.distributed and on rank 0 (the only rank that writes or evaluates)."""
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def setup_distributed(device: torch.device) -> torch.device:

@@ -29,9 +29,6 @@ import torch
 
 from .checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors, unpack_mask, verify_folder, write_manifest
 
-STAGE_RE = re.compile(r"^(\d\d)_(.+)$")
-
-
 def stage_dir(run_dir: Path, index: int, name: str) -> Path:
     return Path(run_dir) / "stages" / f"{index + 1:02d}_{safe_name(name)}"
 
@@ -75,7 +72,8 @@ def decode_mask(data: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(out).reshape(shape)
 
 
-def _is_rank_zero() -> bool:
+def is_main_rank() -> bool:
+    """True outside torch.distributed and on rank 0 (the only rank that writes or evaluates)."""
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -101,7 +99,7 @@ def save_stage(
         values, fmt = _round_to_deltas(kv, initial, union), "delta-fp16"
     else:
         values, fmt = {n: kv[n].detach().float().cpu()[union[n].cpu()] for n in kv}, "values-fp32"
-    if not _is_rank_zero():
+    if not is_main_rank():
         return
     if folder.exists():
         shutil.rmtree(folder)
