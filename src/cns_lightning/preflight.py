@@ -55,8 +55,15 @@ _KNOBS: dict[str, tuple[str, float | None, float | None]] = {
     "prior.num_inference_steps": ("int", 1, None),
     "prior.guidance_scale": ("float", None, None),
     "prior.batch_size": ("int", 1, None),
+    "prior.compile": ("bool", None, None),
     "resume": ("bool", None, None),
     "min_free_bytes": ("int", 0, None),
+}
+
+
+# key -> the values it may take
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "prior.precision": ("bf16", "fp16", "fp32"),
 }
 
 
@@ -71,6 +78,10 @@ def _lookup(cfg: DictConfig, key: str):
 
 def check_config_values(cfg: DictConfig) -> None:
     """Raise :class:`ConfigValueError` for the first knob of the wrong type or out of range."""
+    for key, allowed in _CHOICES.items():
+        v = _lookup(cfg, key)
+        if v is not None and v not in allowed:
+            raise ConfigValueError(f"{key}={v!r}: expected one of {', '.join(allowed)}. Fix the override or config file, e.g. {key}={allowed[0]}")
     for key, (kind, lo, hi) in _KNOBS.items():
         v = _lookup(cfg, key)
         if v is None:

@@ -1,0 +1,235 @@
+"""Prior-image generation at SD-1.5 scale: what each sampler setting gives (one GPU).
+
+    python experiments/bench_prior.py [--images 50] [--steps 50] [--batch 50] [--final 200] [--variants ...]
+
+Builds ``sd15_random`` (SD-1.5's architecture, random fp32 weights, as the training module holds
+them) on the GPU and generates class images at 512 px with classifier-free guidance (6.0) in each
+sampler setting, ``--images`` per setting after an untimed 2-step warm-up batch (cuDNN autotuning,
+allocator), timed with ``torch.cuda.synchronize`` around the whole call (UNet, scheduler, VAE
+decode, conversion to PIL). Then ``--final`` images end to end through ``prior.prior_images``
+with the project's defaults (cold: no warm-up, PNGs written), the figure the target is about.
+Prints a table naming the device and writes ``bench_prior.json`` under ``--out``.
+
+Settings:
+  autocast      the sampler before this work: the fp32 pipeline under bf16 autocast
+  bf16          a bf16 copy of UNet + VAE (prior.sampling_pipeline), NCHW
+  bf16_cl       the same, channels-last
+  bf16_cl_bench the same, cudnn.benchmark on
+  bf16_cl_b100  bf16_cl at batch 100
+  compile       bf16_cl + torch.compile of the UNet (first batch = compile, reported apart)
+  and any "bf16" + features: see run_variant
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from cns_lightning.models import build_random_pipeline  # noqa: E402
+from cns_lightning.prior import model_fingerprint, prior_images, prompt_embeddings, sampling_pipeline  # noqa: E402
+
+UNET_TFLOP = 0.8033  # one SD-1.5 UNet forward of one 64x64 latent (torch.utils.flop_counter, counted on the meta device)
+VAE_TFLOP = 2.5145   # one VAE decode to 512 px (same)
+PROMPT = "a photo of a dog"
+DEV = torch.device("cuda")
+RES = 512
+
+
+def log(msg: str) -> None:
+    print(f"[bench_prior {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sample(pipe, sampler, n: int, steps: int, seed0: int = 0, autocast: bool = False):
+    g = [torch.Generator(DEV).manual_seed(seed0 + i) for i in range(n)]
+    if autocast:
+        with torch.autocast(DEV.type, dtype=torch.bfloat16):
+            return pipe(prompt=[PROMPT] * n, num_inference_steps=steps, guidance_scale=6.0, height=RES, width=RES, generator=g).images
+    cond, uncond = prompt_embeddings(pipe, PROMPT, DEV)
+    dt = sampler.unet.dtype
+    return sampler(prompt_embeds=cond.expand(n, -1, -1).to(dt), negative_prompt_embeds=uncond.expand(n, -1, -1).to(dt),
+                   num_inference_steps=steps, guidance_scale=6.0, height=RES, width=RES, generator=g).images
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def run_variant(name: str, pipe, args) -> dict:
+    """``name``: "autocast", or "bf16" followed by any of _cl (channels-last), _bench (cudnn.benchmark),
+    _b100 (batch 100), _qkv (fused QKV projections), _cudnn / _flash / _efficient (the SDPA backend),
+    _compile (torch.compile of the UNet), _freeze (with Inductor's freezing), _tuned (Inductor: 1x1 convs as matmuls, coordinate-descent tuning)."""
+    name = {"compile": "bf16_cl_compile"}.get(name, name)
+    feats = set(name.split("_")[1:])
+    batch = 100 if "b100" in feats else args.batch
+    images = max(args.images, batch)
+    torch.backends.cudnn.benchmark = "bench" in feats
+    autocast = name == "autocast"
+    if "tuned" in feats:
+        import torch._inductor.config as ic
+
+        ic.conv_1x1_as_mm = True
+        ic.coordinate_descent_tuning = True
+        ic.epilogue_fusion = False
+    sampler = None if autocast else sampling_pipeline(pipe, "bf16", channels_last="cl" in feats, compile=False)
+    if "qkv" in feats:
+        sampler.unet.fuse_qkv_projections()
+    if "compile" in feats:
+        sampler.unet.compile(fullgraph=True, dynamic=False, options={"freezing": "freeze" in feats})
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    chosen = [b for k, b in backend.items() if k in feats]
+    ctx = (lambda: sdpa_kernel(chosen)) if chosen else (lambda: contextlib.nullcontext())
+    row: dict = dict(setting=name, batch=batch, images=images)
+    torch.cuda.reset_peak_memory_stats()
+    with ctx():
+        first = timed(lambda: sample(pipe, sampler, batch, args.steps if "compile" in feats else 2, autocast=autocast))
+        if "compile" in feats:
+            row["first_batch_s"] = round(first, 1)  # compile + one batch at full steps
+        total = 0.0
+        for start in range(0, images, batch):
+            total += timed(lambda: sample(pipe, sampler, min(batch, images - start), args.steps, seed0=start, autocast=autocast))
+    row.update(s=round(total, 2), img_per_s=round(images / total, 3), s_per_200=round(200 * total / images, 1),
+               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    pipe.scheduler.set_timesteps(args.steps)  # PNDM runs 51 UNet evaluations for 50 steps
+    flop = images * (len(pipe.scheduler.timesteps) * 2 * UNET_TFLOP + VAE_TFLOP)
+    row["tflops"] = round(flop / total, 1)
+    del sampler
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.backends.cudnn.benchmark = False
+    if "tuned" in feats:
+        ic.conv_1x1_as_mm, ic.coordinate_descent_tuning, ic.epilogue_fusion = False, False, True
+    return row
+
+
+def profile_unet(pipe, batch: int) -> list[tuple[str, float]]:
+    """GPU time of one bf16 UNet forward at ``batch`` (CFG doubles the images), by kernel kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    unet = sampling_pipeline(pipe, "bf16", channels_last=False).unet
+    size, dim = unet.config.sample_size, unet.config.cross_attention_dim
+    x = torch.randn(batch, 4, size, size, device=DEV, dtype=torch.bfloat16)
+    c = torch.randn(batch, 77, dim, device=DEV, dtype=torch.bfloat16)
+    t = torch.full((batch,), 500, device=DEV)
+    with torch.no_grad():
+        for _ in range(2):
+            unet(x, t, c)
+        torch.cuda.synchronize()
+        cuda = DEV.type == "cuda"
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            unet(x, t, c)
+            torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    def ms(e) -> float:
+        return (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3
+
+    for e in prof.key_averages():
+        if ms(e) == 0:
+            continue
+        n = e.key.lower()
+        kind = ("attention" if any(k in n for k in ("flash", "fmha", "attention", "cudnn_sdpa", "sdpa")) else
+                "conv" if any(k in n for k in ("conv", "implicit", "cudnn", "xmma", "sm90_xmma")) else
+                "gemm" if any(k in n for k in ("gemm", "cutlass", "nvjet", "matmul", "sm90")) else
+                "norm" if "norm" in n else "elementwise/other")
+        kinds[kind] = kinds.get(kind, 0.0) + ms(e)
+    top = sorted(((e.key[:90], ms(e)) for e in prof.key_averages()), key=lambda r: -r[1])[:12]
+    return sorted(kinds.items(), key=lambda r: -r[1]), top
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--batch", type=int, default=50)
+    ap.add_argument("--final", type=int, default=200, help="images end to end through prior_images (0: skip)")
+    ap.add_argument("--final-compile", action="store_true", help="the end-to-end row with prior.compile on")
+    ap.add_argument("--variants", default="autocast,bf16,bf16_cl,bf16_cl_bench,bf16_cl_b100,compile")
+    ap.add_argument("--out", default="bench_prior_out")
+    ap.add_argument("--profile", type=int, default=0, help="profile one bf16 UNet forward at this batch (0: skip)")
+    ap.add_argument("--smoke", action="store_true", help="run on the CPU with the tiny pipeline (checks the script only)")
+    ap.add_argument("--cache", default="/tmp/cns_bench_prior")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import diffusers
+
+    res: dict = dict(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", torch=torch.__version__, diffusers=diffusers.__version__,
+                     date=time.strftime("%Y-%m-%d"), argv=sys.argv, rows=[])
+    global DEV, RES
+    if args.smoke:  # a CPU run of the script's code on the tiny pipeline (numbers meaningless)
+        DEV, RES = torch.device("cpu"), 32
+        torch.cuda.synchronize = lambda: None
+        torch.cuda.reset_peak_memory_stats = lambda: None
+        torch.cuda.max_memory_allocated = lambda: 0
+        torch.cuda.get_device_name = lambda i=0: "cpu (smoke)"
+        res["device"] = "cpu (smoke)"
+    torch.manual_seed(0)
+    pipe = build_random_pipeline("tiny" if args.smoke else "sd15").to(DEV)
+    log(f"sd15_random on {res['device']}")
+
+    def save():
+        (out / "bench_prior.json").write_text(json.dumps(res, indent=1))
+
+    if args.final:
+        fp = model_fingerprint(pipe)
+        torch.cuda.reset_peak_memory_stats()
+        t = timed(lambda: prior_images(pipe, PROMPT, args.final, Path(args.cache) / str(time.time_ns()), seed=0, resolution=RES,
+                                       num_inference_steps=args.steps, guidance_scale=6.0, batch_size=args.batch, fingerprint=fp,
+                                       compile=args.final_compile))
+        res["final"] = dict(images=args.final, s=round(t, 1), img_per_s=round(args.final / t, 3), batch=args.batch,
+                            compile=args.final_compile, peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+        log(f"end to end: {res['final']}")
+        save()
+    if args.profile:
+        kinds, top = profile_unet(pipe, args.profile)
+        res["profile"] = dict(batch=args.profile, ms_by_kind=kinds, top_kernels=top)
+        total = sum(v for _, v in kinds)
+        print(f"\nOne bf16 UNet forward, batch {args.profile}, eager NCHW: {total:.1f} ms of GPU time "
+              f"({args.profile * UNET_TFLOP / total * 1e3:.0f} TFLOP/s)")
+        for k, v in kinds:
+            print(f"  {k:20s} {v:8.1f} ms  {100 * v / total:5.1f} %")
+        for k, v in top:
+            print(f"    {v:8.1f} ms  {k}")
+        save()
+    for name in filter(None, args.variants.split(",")):
+        try:
+            row = run_variant(name, pipe, args)
+        except Exception as e:  # one failing setting must not lose the others' rows
+            row = dict(setting=name, error=f"{type(e).__name__}: {e}"[:300])
+        res["rows"].append(row)
+        log(str(row))
+        save()
+
+    print(f"\nPrior-image generation, sd15_random, 512 px, {args.steps} steps, CFG 6.0; device: {res['device']}, torch {res['torch']}")
+    print("| setting | batch | images | s | img/s | s per 200 | TFLOP/s (UNet+VAE) | peak GiB | first batch (compile) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in res["rows"]:
+        if "error" in r:
+            print(f"| {r['setting']} | failed: {r['error']} |")
+            continue
+        print(f"| {r['setting']} | {r['batch']} | {r['images']} | {r['s']} | {r['img_per_s']} | {r['s_per_200']} | {r['tflops']} | "
+              f"{r['peak_gib']} | {r.get('first_batch_s', '')} |")
+    if "final" in res:
+        f = res["final"]
+        print(f"\nEnd to end, prior.prior_images (bf16 copy, compile={f['compile']}), cold, PNGs written: "
+              f"{f['images']} images in {f['s']} s = {f['img_per_s']} img/s, peak {f['peak_gib']} GiB (target <= 40 s for 200)")
+    save()
+
+
+if __name__ == "__main__":
+    main()
