@@ -361,3 +361,31 @@ def test_a_stage_stopped_early_is_not_saved_as_complete(tmp_path, concept_dirs):
     with pytest.raises(continual.RunError, match=r"stopped after \d+ of method.steps=50 steps, so it was not saved"):
         continual.run(cfg)
     assert stage_names(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("model", sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")))
+def test_every_experiment_composes_with_every_model(tmp_path, experiment, model):
+    """`+experiment=X model=Y` resolves for every pair (seq7 read ${model.guidance_scale}, which
+    only the micro model had: `+experiment=seq7 model=sd15_random` failed on its first GPU run)."""
+    import cns_lightning.__main__  # noqa: F401  (registers the ${micro_asset:...} resolver)
+    from omegaconf import OmegaConf
+
+    cfg = compose_cfg(tmp_path, [f"+experiment={experiment}", f"model={model}"])
+    for key in ("model", "data", "method", "prior", "eval", "calibration", "trainer"):
+        OmegaConf.to_container(cfg[key], resolve=True)
+
+
+def test_modifier_token_beyond_77_positions_is_an_error(tmp_path):
+    folder = make_concept_folder(tmp_path / "data" / "long", n=2, seed=0, captions=["a photo of a {token} teddy bear"])
+    long_caption = " ".join(["very"] * 80) + " {token} teddy bear"
+    (folder / "01.txt").write_text(long_caption)
+    cfg = compose_cfg(tmp_path, [f"data.concepts=[{{name:long,class_name:'teddy bear',path:'{folder}'}}]", *FAST_INPROC])
+    with pytest.raises(ConceptError) as e:
+        continual.run(cfg)
+    msg = str(e.value)
+    assert "01.png" in msg and "'<new1>' is text token 81 of 83, past the 75" in msg and "shorten that caption" in msg, msg
+    assert stage_names(tmp_path / "run") == []
+    (folder / "01.txt").write_text(" ".join(["very"] * 70) + " {token} teddy bear")  # token at 71: read
+    continual.run(compose_cfg(tmp_path, [f"data.concepts=[{{name:long,class_name:'teddy bear',path:'{folder}'}}]", *FAST_INPROC]))
+    assert stage_names(tmp_path / "run") == ["01_long"]

@@ -26,8 +26,8 @@ from .preflight import check_concept_inputs, check_config_values, check_disk_spa
 from .evaluation.loggers import build_loggers, finish_loggers, log_stage
 from .prior import model_fingerprint, prior_images
 from .selection import SelectionConfig, encode_norms, mask_stats, random_like_counts, select_concept_neurons
-from .state import apply_stage, completed_stages, is_main_rank, save_stage, stage_dir
-from .tokens import add_concept_tokens
+from .state import apply_stage, completed_stages, is_main_rank, ranks_agree, save_stage, stage_dir
+from .tokens import add_concept_tokens, check_token_in_captions
 
 NEURON_RULES = ("concept", "random", "all", "none")
 # Config parts that define a run: a folder holding a run with other values is not resumed.
@@ -192,6 +192,7 @@ def run(cfg: DictConfig) -> dict:
     fingerprint = model_fingerprint(pipe)
     save_json(run_dir / "base_model.json", {"fingerprint": fingerprint, "name": str(cfg.model.get("name", ""))})
     token_ids = add_concept_tokens(pipe.tokenizer, pipe.text_encoder, concepts)
+    check_token_in_captions(pipe.tokenizer, concepts, token_ids, cache_dir)
     resolution = int(cfg.data.resolution)
     check_outputs_fit(cfg, pipe, run_dir, cache_dir, len(concepts))
 
@@ -204,6 +205,7 @@ def run(cfg: DictConfig) -> dict:
                     pipe, c.class_prompt(), int(cfg.prior.num_images), cache_dir, seed=int(cfg.seed), resolution=resolution,
                     num_inference_steps=int(cfg.prior.num_inference_steps), guidance_scale=float(cfg.prior.guidance_scale),
                     batch_size=int(cfg.prior.batch_size), fingerprint=fingerprint,
+                    precision=str(cfg.prior.get("precision", "bf16")), compile=bool(cfg.prior.get("compile", False)),
                 )
             except torch.OutOfMemoryError as e:
                 raise RunError(oom_message(f"prior-image generation for {c.name!r}", e)) from e
@@ -277,10 +279,15 @@ def run(cfg: DictConfig) -> dict:
             )
         module.end_stage()
         module.step_offset += trainer.global_step
+        try:  # under DDP every rank must end the stage with the same weights (one all-gather of a digest)
+            world, digest = ranks_agree([*module.kv().values(), pipe.text_encoder.get_input_embeddings().weight[list(token_ids.values())]])
+        except RuntimeError as e:
+            raise RunError(f"stage {m + 1} ({concept.name!r}): {e}; stages 1-{m} are intact.") from e
         info = dict(
             concept=concept.name, token=concept.token, token_id=token_ids[concept.name], class_name=concept.class_name,
             category=concept.category, stage=m + 1, steps=trainer.global_step, seconds=round(time.time() - t0, 2),
             method=method.name, concept_entries=int(sum(int(x.sum()) for x in masks.values())),
+            **(dict(ranks=world, weights_sha256=digest) if world > 1 else {}),
         )
         save_stage(
             stage_dir(run_dir, m, concept.name), dict(module.kv()), all_masks,

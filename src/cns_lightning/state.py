@@ -79,6 +79,27 @@ def is_main_rank() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def ranks_agree(tensors: list[torch.Tensor]) -> tuple[int, str]:
+    """(world size, sha256 of ``tensors``) after checking that every torch.distributed rank holds
+    the same values (DDP must leave identical weights on every rank); raises ``RuntimeError`` naming
+    the ranks' digests if not. Outside torch.distributed: (1, "") and nothing is hashed."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, ""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    digest = h.hexdigest()[:16]
+    digests: list = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"the ranks' trained weights differ after DDP (sha256 per rank: {digests}); nothing of this stage was saved")
+    return len(digests), digest
+
+
 def save_stage(
     folder: Path,
     kv: dict[str, torch.Tensor],

@@ -46,3 +46,21 @@ def add_concept_tokens(tokenizer, text_encoder, concepts: list[Concept]) -> dict
             init = tokenizer(c.init_word or c.class_name, add_special_tokens=False).input_ids
             emb[ids[c.name]] = emb[init].mean(0) if init else emb[: ids[c.name]].mean(0)
     return ids
+
+
+def check_token_in_captions(tokenizer, concepts: list[Concept], ids: dict[str, int], cache_dir=None) -> None:
+    """Raise ``ConceptError`` for a caption whose modifier token falls beyond CLIP's 77 positions
+    (start token + 75 text tokens + end token): truncation would cut the token, and the image
+    would train the other weights without it."""
+    room = tokenizer.model_max_length - 2
+    for i, c in enumerate(concepts):
+        for image, caption in zip(c.image_paths(cache_dir), c.captions(cache_dir)):
+            text_ids = tokenizer(caption, add_special_tokens=False).input_ids
+            if ids[c.name] in text_ids[:room] or ids[c.name] not in text_ids:
+                continue  # (bind_token puts the token into every caption)
+            raise ConceptError(
+                f"data.concepts[{i}] ({c.name!r}), the caption of {image}: {c.token!r} is text token "
+                f"{text_ids.index(ids[c.name]) + 1} of {len(text_ids)}, past the {room} the text encoder reads "
+                f"(77 positions with the start and end tokens), so it would be cut off. Fix: shorten that caption "
+                f"or move {c.token!r} nearer its start."
+            )

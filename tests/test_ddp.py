@@ -1,0 +1,33 @@
+"""The whole continual loop under torchrun with 2 processes (gloo on the CPU): the loop's DDP path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import FAST, ROOT, concepts_override
+
+DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.callbacks=[]", "trainer.benchmark=false"]
+
+
+def test_two_ranks_train_identical_weights_and_rank0_saves(tmp_path, concept_dirs, env):
+    args = [concepts_override(concept_dirs[:2]), *FAST, "prior.num_images=4", *DDP_CPU]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cns_lightning", *args]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    run = tmp_path / "out" / "default" / "cns" / "seed0"
+    stages = sorted((run / "stages").iterdir())
+    assert [s.name for s in stages] == ["01_teddy", "02_mug"]
+    for s in stages:
+        assert (s / "manifest.json").is_file()
+        info = json.loads((s / "stage.json").read_text())
+        info = info.get("info", info)
+        assert info["ranks"] == 2 and len(info["weights_sha256"]) == 16  # the all-gathered digests were equal
+    assert json.loads((run / "summary.json").read_text())["status"] == "complete"
+    priors = tmp_path / "cache" / "priors"
+    folders = sorted(d for d in priors.iterdir() if d.is_dir())
+    assert len(folders) == 2 and not any(".tmp" in d.name for d in folders), [d.name for d in folders]
+    for d in folders:  # rank r wrote images r, r+2: one folder, complete
+        assert sorted(p.name for p in d.glob("*.png")) == [f"{i:04d}.png" for i in range(4)]
+        assert (d / "done.json").is_file()
