@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -389,3 +390,21 @@ def test_modifier_token_beyond_77_positions_is_an_error(tmp_path):
     (folder / "01.txt").write_text(" ".join(["very"] * 70) + " {token} teddy bear")  # token at 71: read
     continual.run(compose_cfg(tmp_path, [f"data.concepts=[{{name:long,class_name:'teddy bear',path:'{folder}'}}]", *FAST_INPROC]))
     assert stage_names(tmp_path / "run") == ["01_long"]
+
+
+def test_a_folder_made_before_new_knobs_existed_still_resumes(tmp_path, concept_dirs):
+    """run_identity.json written before model.guidance_scale / prior.precision / prior.compile
+    existed: the run resumes (the new knobs take their current values); other changes still refuse."""
+    overrides = [concepts_override(concept_dirs[:2]), *FAST_INPROC]
+    continual.run(compose_cfg(tmp_path, overrides))
+    run = tmp_path / "run"
+    kv1 = _sha(run / "stages" / "01_teddy" / "kv.safetensors")
+    identity = json.loads((run / "run_identity.json").read_text())
+    del identity["model"]["guidance_scale"], identity["prior"]["precision"], identity["prior"]["compile"]
+    (run / "run_identity.json").write_text(json.dumps(identity))
+    shutil.rmtree(run / "stages" / "02_mug")
+    continual.run(compose_cfg(tmp_path, overrides))
+    assert stage_names(run) == ["01_teddy", "02_mug"] and _sha(run / "stages" / "01_teddy" / "kv.safetensors") == kv1
+    assert json.loads((run / "run_identity.json").read_text())["prior"]["precision"] == "bf16"
+    with pytest.raises(continual.RunError, match="prior.compile differ"):
+        continual.run(compose_cfg(tmp_path, [*overrides, "prior.compile=true"]))

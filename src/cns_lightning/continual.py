@@ -64,6 +64,9 @@ def calibration_prompts(cfg: DictConfig) -> list[str]:
 
 # Knobs that change only speed or memory: not part of a run's identity.
 PERFORMANCE_KEYS = ("data.num_workers", "prior.batch_size")
+# Knobs added to the config after run folders existed: a folder whose run_identity.json lacks one
+# (made before it existed) still resumes, and its remaining stages use the current value.
+ADDED_KEYS = ("model.guidance_scale", "prior.precision", "prior.compile")
 # Training knobs that +resume_with_changes=true lets a rerun change for the stages not yet done
 # (e.g. a lower learning rate after a NaN stop); the change is recorded in run_identity.json.
 RESUMABLE_CHANGES = (
@@ -92,8 +95,12 @@ def check_run_folder(run_dir: Path, cfg: DictConfig) -> None:
     if path.is_file():
         old = load_json(path)
         a, b = _flat(old), _flat(identity)
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in PERFORMANCE_KEYS)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in PERFORMANCE_KEYS and not (k in ADDED_KEYS and k not in a))
         if not diff:
+            if set(b) - set(a):  # knobs added since the folder was made: record their values from now on
+                if "_changes" in old:
+                    identity["_changes"] = old["_changes"]
+                save_json(path, identity)
             return
         if not any((run_dir / "stages").glob("*/manifest.json")):
             print(f"[cns] {run_dir}: no completed stage yet, starting it with the new settings ({', '.join(diff)} changed)")
