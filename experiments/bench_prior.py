@@ -108,7 +108,7 @@ def run_variant(name: str, pipe, args) -> dict:
     pipe.scheduler.set_timesteps(args.steps)  # PNDM runs 51 UNet evaluations for 50 steps
     flop = images * (len(pipe.scheduler.timesteps) * 2 * UNET_TFLOP + VAE_TFLOP)
     row["tflops"] = round(flop / total, 1)
-    del sampler
+    sampler = None
     gc.collect()
     torch.cuda.empty_cache()
     torch.backends.cudnn.benchmark = False

@@ -12,7 +12,6 @@ run, cache = Path(sys.argv[1]), Path(sys.argv[2])
 print(f"run {run}: {json.loads((run / 'summary.json').read_text())['status']}")
 for s in sorted((run / "stages").iterdir()):
     info = json.loads((s / "stage.json").read_text())
-    info = info.get("info", info)
     print(f"  {s.name}: ranks={info.get('ranks')} weights_sha256={info.get('weights_sha256')} steps={info['steps']} "
           f"seconds={info['seconds']} manifest={(s / 'manifest.json').is_file()}")
 for d in sorted((cache / "priors").iterdir()):

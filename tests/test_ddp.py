@@ -22,7 +22,6 @@ def test_two_ranks_train_identical_weights_and_rank0_saves(tmp_path, concept_dir
     for s in stages:
         assert (s / "manifest.json").is_file()
         info = json.loads((s / "stage.json").read_text())
-        info = info.get("info", info)
         assert info["ranks"] == 2 and len(info["weights_sha256"]) == 16  # the all-gathered digests were equal
     assert json.loads((run / "summary.json").read_text())["status"] == "complete"
     priors = tmp_path / "cache" / "priors"

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from .checkpoint import disk_free_check
 from .concepts import Concept
 from .images import load_image
+from .prior import PRECISIONS
 
 __all__ = ["ConfigValueError", "check_concept_inputs", "check_config_values", "check_disk_space", "oom_message", "output_bytes"]
 
@@ -63,7 +64,7 @@ _KNOBS: dict[str, tuple[str, float | None, float | None]] = {
 
 # key -> the values it may take
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "prior.precision": ("bf16", "fp16", "fp32"),
+    "prior.precision": PRECISIONS,
 }
 
 

@@ -30,6 +30,9 @@ from diffusers import StableDiffusionPipeline
 
 from .models import cross_attention_kv
 
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = (*_DTYPES, "fp32")  # the values of prior.precision
+
 
 def model_fingerprint(pipe) -> str:
     """A short hash of the base model's identity: its configs and a few of its weights."""
@@ -58,8 +61,8 @@ def cache_key(fingerprint: str, prompt: str, seed: int, count: int, resolution: 
 
 def sampling_precision(device: torch.device, precision: str) -> str:
     """The precision the sampler really runs in: ``precision`` on CUDA if it is bf16/fp16, else fp32."""
-    if precision not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"prior.precision={precision!r} is not one of bf16, fp16, fp32")
+    if precision not in PRECISIONS:
+        raise ValueError(f"prior.precision={precision!r} is not one of {', '.join(PRECISIONS)}")
     return precision if device.type == "cuda" else "fp32"
 
 
@@ -89,8 +92,7 @@ def sampling_pipeline(pipe, precision: str = "bf16", channels_last: bool = False
 def prompt_embeddings(pipe, prompt: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The conditional and unconditional ("") text embeddings of ``prompt``, (1, 77, d) each, as
     the diffusers pipeline computes them for classifier-free guidance."""
-    cond, uncond = pipe.encode_prompt(prompt, device, 1, True)
-    return cond, uncond
+    return pipe.encode_prompt(prompt, device, 1, True)
 
 
 def _cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -147,24 +149,23 @@ def prior_images(
         remove_stale_temporaries(folder.parent, key)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{key}.tmp-{socket.gethostname()}-{os.getpid()}-"))
     mine = list(range(rank, count, world))
-    sampler = sampling_pipeline(pipe, precision, compile=compile) if mine else None
-    cond, uncond = prompt_embeddings(pipe, prompt, device)
-    dtype = sampler.unet.dtype if sampler is not None else cond.dtype
+    if mine:
+        sampler = sampling_pipeline(pipe, precision, compile=compile)
+        cond, uncond = (e.to(sampler.unet.dtype) for e in prompt_embeddings(pipe, prompt, device))
     with ThreadPoolExecutor(max_workers=8) as pool:
         saves = []
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
             generators = [torch.Generator(device).manual_seed(seed * 100_003 + i) for i in chunk]
             images = sampler(
-                prompt_embeds=cond.expand(len(chunk), -1, -1).to(dtype),
-                negative_prompt_embeds=uncond.expand(len(chunk), -1, -1).to(dtype),
+                prompt_embeds=cond.expand(len(chunk), -1, -1), negative_prompt_embeds=uncond.expand(len(chunk), -1, -1),
                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                 height=resolution, width=resolution, generator=generators,
             ).images
             saves += [pool.submit(im.save, tmp / f"{i:04d}.png", compress_level=1) for i, im in zip(chunk, images)]
         for f in saves:
             f.result()
-    del sampler
+    sampler = None  # free the sampling copy now (its GPU memory), not after the ranks have met
     if world > 1:
         _barrier()
         if rank != 0:
@@ -203,7 +204,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _dist() -> tuple[int, int]:
