@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from cns_lightning.models import build_random_pipeline  # noqa: E402
-from cns_lightning.prior import model_fingerprint, prior_images, prompt_embeddings, sampling_pipeline  # noqa: E402
+from cns_lightning.prior import model_fingerprint, prior_images, prompt_embeddings, sample_images, sampling_pipeline  # noqa: E402
 
 UNET_TFLOP = 0.8033  # one SD-1.5 UNet forward of one 64x64 latent (torch.utils.flop_counter, counted on the meta device)
 VAE_TFLOP = 2.5145   # one VAE decode to 512 px (same)
@@ -49,15 +49,18 @@ def log(msg: str) -> None:
     print(f"[bench_prior {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def sample(pipe, sampler, n: int, steps: int, seed0: int = 0, autocast: bool = False):
+def sample(pipe, sampler, n: int, steps: int, seed0: int = 0, autocast: bool = False, pipeline_decode: bool = False, pad: bool = False):
+    """``pipeline_decode``: the pipeline's own VAE decode (image by image) and PIL postprocess, as the
+    sampler did before ``prior.sample_images``; else ``prior.sample_images`` (what ``prior_images`` runs)."""
     g = [torch.Generator(DEV).manual_seed(seed0 + i) for i in range(n)]
     if autocast:
         with torch.autocast(DEV.type, dtype=torch.bfloat16):
             return pipe(prompt=[PROMPT] * n, num_inference_steps=steps, guidance_scale=6.0, height=RES, width=RES, generator=g).images
-    cond, uncond = prompt_embeddings(pipe, PROMPT, DEV)
-    dt = sampler.unet.dtype
-    return sampler(prompt_embeds=cond.expand(n, -1, -1).to(dt), negative_prompt_embeds=uncond.expand(n, -1, -1).to(dt),
-                   num_inference_steps=steps, guidance_scale=6.0, height=RES, width=RES, generator=g).images
+    cond, uncond = (e.to(sampler.unet.dtype) for e in prompt_embeddings(pipe, PROMPT, DEV))
+    if pipeline_decode:
+        return sampler(prompt_embeds=cond.expand(n, -1, -1), negative_prompt_embeds=uncond.expand(n, -1, -1),
+                       num_inference_steps=steps, guidance_scale=6.0, height=RES, width=RES, generator=g).images
+    return sample_images(sampler, cond, uncond, g, steps, 6.0, RES, pad=pad)
 
 
 def timed(fn) -> float:
@@ -69,12 +72,16 @@ def timed(fn) -> float:
 
 
 def run_variant(name: str, pipe, args) -> dict:
-    """``name``: "autocast", or "bf16" followed by any of _cl (channels-last), _bench (cudnn.benchmark),
-    _b100 (batch 100), _qkv (fused QKV projections), _cudnn / _flash / _efficient (the SDPA backend),
-    _compile (torch.compile of the UNet), _freeze (with Inductor's freezing), _tuned (Inductor: 1x1 convs as matmuls, coordinate-descent tuning)."""
+    """``name``: "autocast", or "bf16" / "fp16" followed by any of _cl (channels-last), _bench (cudnn.benchmark),
+    _b100 (batch 100), _b25, _qkv (fused QKV projections), _cudnn / _flash / _efficient (the SDPA backend),
+    _compile (torch.compile of the UNet), _freeze (with Inductor's freezing), _tuned (Inductor: 1x1 convs as matmuls,
+    coordinate-descent tuning), _vae (torch.compile of the VAE decoder too: what prior.compile=true does), _old (the pipeline's
+    own decode, image by image, and PIL postprocess: the sampler before prior.sample_images), _ro (compile mode reduce-overhead: CUDA graphs), _mat (compile mode
+    max-autotune-no-cudagraphs: GEMM and conv templates benchmarked against cuBLAS/cuDNN), _ddim (DDIM scheduler:
+    50 UNet evaluations for 50 steps instead of PNDM's 51; changes the sampler, for comparison only)."""
     name = {"compile": "bf16_cl_compile"}.get(name, name)
     feats = set(name.split("_")[1:])
-    batch = 100 if "b100" in feats else args.batch
+    batch = 100 if "b100" in feats else 25 if "b25" in feats else args.batch
     images = max(args.images, batch)
     torch.backends.cudnn.benchmark = "bench" in feats
     autocast = name == "autocast"
@@ -84,11 +91,23 @@ def run_variant(name: str, pipe, args) -> dict:
         ic.conv_1x1_as_mm = True
         ic.coordinate_descent_tuning = True
         ic.epilogue_fusion = False
-    sampler = None if autocast else sampling_pipeline(pipe, "bf16", channels_last="cl" in feats, compile=False)
+    sampler = None if autocast else sampling_pipeline(pipe, name.split("_")[0], channels_last="cl" in feats, compile=False)
+    if "old" in feats:
+        sampler.vae.enable_slicing()
+    if "vae" in feats:
+        sampler.vae.decoder.compile(fullgraph=True, dynamic=False)
     if "qkv" in feats:
         sampler.unet.fuse_qkv_projections()
+    if "ddim" in feats:
+        from diffusers import DDIMScheduler
+
+        sampler.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if "compile" in feats:
-        sampler.unet.compile(fullgraph=True, dynamic=False, options={"freezing": "freeze" in feats})
+        mode = "reduce-overhead" if "ro" in feats else "max-autotune-no-cudagraphs" if "mat" in feats else None
+        if mode:
+            sampler.unet.compile(fullgraph=True, dynamic=False, mode=mode)
+        else:
+            sampler.unet.compile(fullgraph=True, dynamic=False, options={"freezing": "freeze" in feats})
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -96,17 +115,20 @@ def run_variant(name: str, pipe, args) -> dict:
     ctx = (lambda: sdpa_kernel(chosen)) if chosen else (lambda: contextlib.nullcontext())
     row: dict = dict(setting=name, batch=batch, images=images)
     torch.cuda.reset_peak_memory_stats()
+    kw = dict(autocast=autocast, pipeline_decode="old" in feats, pad="vae" in feats)
     with ctx():
-        first = timed(lambda: sample(pipe, sampler, batch, args.steps if "compile" in feats else 2, autocast=autocast))
+        first = timed(lambda: sample(pipe, sampler, batch, args.steps if "compile" in feats else 2, **kw))
         if "compile" in feats:
             row["first_batch_s"] = round(first, 1)  # compile + one batch at full steps
         total = 0.0
         for start in range(0, images, batch):
-            total += timed(lambda: sample(pipe, sampler, min(batch, images - start), args.steps, seed0=start, autocast=autocast))
+            total += timed(lambda: sample(pipe, sampler, min(batch, images - start), args.steps, seed0=start, **kw))
     row.update(s=round(total, 2), img_per_s=round(images / total, 3), s_per_200=round(200 * total / images, 1),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
-    pipe.scheduler.set_timesteps(args.steps)  # PNDM runs 51 UNet evaluations for 50 steps
-    flop = images * (len(pipe.scheduler.timesteps) * 2 * UNET_TFLOP + VAE_TFLOP)
+    sched = (sampler or pipe).scheduler
+    sched.set_timesteps(args.steps)  # PNDM runs 51 UNet evaluations for 50 steps
+    row["unet_evals"] = len(sched.timesteps)
+    flop = images * (len(sched.timesteps) * 2 * UNET_TFLOP + VAE_TFLOP)
     row["tflops"] = round(flop / total, 1)
     sampler = None
     gc.collect()
@@ -117,11 +139,35 @@ def run_variant(name: str, pipe, args) -> dict:
     return row
 
 
-def profile_unet(pipe, batch: int) -> list[tuple[str, float]]:
-    """GPU time of one bf16 UNet forward at ``batch`` (CFG doubles the images), by kernel kind."""
+WRAPPERS = ("## ", "Torch-Compiled Region", "CompiledFunction", "TorchDynamo", "Pregraph")  # profiler annotations
+
+
+def kernel_kind(name: str) -> str:
+    """A CUDA kernel's kind from its name (cuDNN, cuBLAS and Inductor's Triton kernels)."""
+    n = name.lower()
+    if n.startswith(("triton_poi", "triton_red", "triton_per")):  # Inductor's fused kernels ("fused_convolution_..."
+        return "fused pointwise (Triton)" if n.startswith("triton_poi") else "norm/reduction"  # is a conv's bias + norm)
+    if any(k in n for k in ("flash", "fmha", "attention", "sdpa")):
+        return "attention"
+    if any(k in n for k in ("conv", "fprop", "implicit", "dgrad", "wgrad")):
+        return "conv"
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "matmul", "triton_tem", "mm_")):
+        return "gemm"
+    if "norm" in n:
+        return "norm/reduction"
+    if any(k in n for k in ("nchw", "nhwc", "transpose", "copy", "layout")):
+        return "layout copies"
+    return "elementwise/other"
+
+
+def profile_unet(pipe, batch: int, compiled: bool = False) -> list[tuple[str, float]]:
+    """GPU time of one bf16 UNet forward at ``batch`` (CFG doubles the images), by kernel kind;
+    ``compiled``: after ``torch.compile`` (as the _compile variants: fullgraph, static shapes)."""
     from torch.profiler import ProfilerActivity, profile
 
     unet = sampling_pipeline(pipe, "bf16", channels_last=False).unet
+    if compiled:
+        unet.compile(fullgraph=True, dynamic=False)
     size, dim = unet.config.sample_size, unet.config.cross_attention_dim
     x = torch.randn(batch, 4, size, size, device=DEV, dtype=torch.bfloat16)
     c = torch.randn(batch, 77, dim, device=DEV, dtype=torch.bfloat16)
@@ -139,15 +185,12 @@ def profile_unet(pipe, batch: int) -> list[tuple[str, float]]:
         return (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3
 
     for e in prof.key_averages():
-        if ms(e) == 0:
-            continue
-        n = e.key.lower()
-        kind = ("attention" if any(k in n for k in ("flash", "fmha", "attention", "cudnn_sdpa", "sdpa")) else
-                "conv" if any(k in n for k in ("conv", "implicit", "cudnn", "xmma", "sm90_xmma")) else
-                "gemm" if any(k in n for k in ("gemm", "cutlass", "nvjet", "matmul", "sm90")) else
-                "norm" if "norm" in n else "elementwise/other")
+        if ms(e) == 0 or e.key.startswith(WRAPPERS):
+            continue  # annotations around kernels: their kernels are counted by name
+        kind = kernel_kind(e.key)
         kinds[kind] = kinds.get(kind, 0.0) + ms(e)
-    top = sorted(((e.key[:90], ms(e)) for e in prof.key_averages()), key=lambda r: -r[1])[:12]
+    top = sorted(((f"[{kernel_kind(e.key)}] {e.key[:90]}", ms(e)) for e in prof.key_averages() if ms(e) and not e.key.startswith(WRAPPERS)),
+                 key=lambda r: -r[1])[:16]
     return sorted(kinds.items(), key=lambda r: -r[1]), top
 
 
@@ -161,6 +204,7 @@ def main() -> None:
     ap.add_argument("--variants", default="autocast,bf16,bf16_cl,bf16_cl_bench,bf16_cl_b100,compile")
     ap.add_argument("--out", default="bench_prior_out")
     ap.add_argument("--profile", type=int, default=0, help="profile one bf16 UNet forward at this batch (0: skip)")
+    ap.add_argument("--profile-compiled", action="store_true", help="--profile: also the torch.compile'd UNet")
     ap.add_argument("--smoke", action="store_true", help="run on the CPU with the tiny pipeline (checks the script only)")
     ap.add_argument("--cache", default="/tmp/cns_bench_prior")
     args = ap.parse_args()
@@ -195,14 +239,15 @@ def main() -> None:
                             compile=args.final_compile, peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
         log(f"end to end: {res['final']}")
         save()
-    if args.profile:
-        kinds, top = profile_unet(pipe, args.profile)
-        res["profile"] = dict(batch=args.profile, ms_by_kind=kinds, top_kernels=top)
+    for compiled in ([False, True] if args.profile_compiled else [False]) if args.profile else []:
+        what = "compiled" if compiled else "eager"
+        kinds, top = profile_unet(pipe, args.profile, compiled)
+        res[f"profile_{what}"] = dict(batch=args.profile, ms_by_kind=kinds, top_kernels=top)
         total = sum(v for _, v in kinds)
-        print(f"\nOne bf16 UNet forward, batch {args.profile}, eager NCHW: {total:.1f} ms of GPU time "
+        print(f"\nOne bf16 UNet forward, batch {args.profile}, {what} NCHW: {total:.1f} ms of GPU time "
               f"({args.profile * UNET_TFLOP / total * 1e3:.0f} TFLOP/s)")
         for k, v in kinds:
-            print(f"  {k:20s} {v:8.1f} ms  {100 * v / total:5.1f} %")
+            print(f"  {k:26s} {v:8.1f} ms  {100 * v / total:5.1f} %")
         for k, v in top:
             print(f"    {v:8.1f} ms  {k}")
         save()

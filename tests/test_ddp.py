@@ -6,13 +6,15 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import FAST, ROOT, concepts_override
 
-DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.callbacks=[]", "trainer.benchmark=false"]
+DDP_CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.callbacks=[]", "trainer.benchmark=false"]
 
 
-def test_two_ranks_train_identical_weights_and_rank0_saves(tmp_path, concept_dirs, env):
-    args = [concepts_override(concept_dirs[:2]), *FAST, "prior.num_images=4", *DDP_CPU]
+@pytest.mark.parametrize("trainer", ["ddp", "ddp_masked"])  # dense all-reduce / only the masked entries
+def test_two_ranks_train_identical_weights_and_rank0_saves(tmp_path, concept_dirs, env, trainer):
+    args = [concepts_override(concept_dirs[:2]), *FAST, "prior.num_images=4", f"trainer={trainer}", *DDP_CPU]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cns_lightning", *args]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"

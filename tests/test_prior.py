@@ -17,11 +17,13 @@ from cns_lightning.models import build_random_pipeline
 from cns_lightning.preflight import ConfigValueError, check_config_values
 from cns_lightning.prior import (
     cache_key,
+    decode_latents,
     prior_images,
     prompt_embeddings,
     remove_stale_temporaries,
     sampling_pipeline,
     sampling_precision,
+    sample_images,
 )
 
 KW = dict(resolution=32, num_inference_steps=3, guidance_scale=6.0)
@@ -118,3 +120,24 @@ def test_leftovers_of_killed_generations_are_removed(pipe, tmp_path):
     paths = prior_images(pipe, "a photo of a dog", 2, tmp_path, fingerprint=fp, batch_size=2, **KW)
     assert len(paths) == 2 and not leftover.exists()
     assert sorted(d.name for d in parent.iterdir() if d.name.startswith(real_key)) == [real_key]
+
+
+def test_sample_images_matches_the_pipelines_own_decode_and_postprocess(pipe):
+    """fp32: the chunked decode with pixels converted on the device gives the pipeline's exact pixels."""
+    cond, uncond = prompt_embeddings(pipe, "a photo of a dog", torch.device("cpu"))
+
+    def gens():
+        return [torch.Generator().manual_seed(i) for i in range(5)]
+
+    ref = pipe(prompt_embeds=cond.expand(5, -1, -1), negative_prompt_embeds=uncond.expand(5, -1, -1), num_inference_steps=3,
+               height=32, width=32, generator=gens(), output_type="pil").images
+    ref = np.stack([np.asarray(b) for b in ref])
+    ours = sample_images(pipe, cond, uncond, gens(), 3, 7.5, 32, decode_batch=5)
+    assert ours.dtype == torch.uint8 and ours.shape == (5, 32, 32, 3) and ours.device.type == "cpu"
+    assert np.array_equal(ours.numpy(), ref)  # the same batch through the decoder: the same bits
+    chunked = sample_images(pipe, cond, uncond, gens(), 3, 7.5, 32, decode_batch=2)
+    assert np.abs(chunked.numpy().astype(int) - ref).max() <= 1  # other conv batch sizes: rounding only
+    # padding a short last chunk (what a compiled decoder needs) changes nothing beyond rounding
+    latents = torch.randn(5, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    plain, padded = decode_latents(pipe.vae, latents, 2), decode_latents(pipe.vae, latents, 2, pad=True)
+    assert (plain.int() - padded.int()).abs().max() <= 1

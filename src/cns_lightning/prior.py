@@ -7,8 +7,9 @@ generation is redone, and the temporary folders of killed processes are removed.
 
 On CUDA the sampler runs on a bf16 copy of the UNet and VAE (``sampling_pipeline``: weights cast
 once, optionally ``torch.compile``d; the training weights are untouched), in large
-batches, with the text embeddings computed once, and PNGs are written by a thread pool while the
-next batch samples. Under an initialised ``torch.distributed`` group each rank generates every
+batches, with the text embeddings computed once; the VAE decodes ``DECODE_BATCH`` latents at a
+time and pixels become uint8 on the GPU (``sample_images``), and PNGs are written by a thread pool
+while the next batch samples. Under an initialised ``torch.distributed`` group each rank generates every
 world-size-th image into one shared folder (rank 0 finishes it). Each image has its own seeded
 generator, so the images do not depend on the batch size or on the number of ranks.
 """
@@ -27,11 +28,13 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
 from .models import cross_attention_kv
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = (*_DTYPES, "fp32")  # the values of prior.precision
+DECODE_BATCH = 10  # latents the VAE decodes at once (bf16 at 512 px: a few GiB)
 
 
 def model_fingerprint(pipe) -> str:
@@ -52,8 +55,9 @@ def cache_key(fingerprint: str, prompt: str, seed: int, count: int, resolution: 
     """The prior folder's name: everything the images depend on, the sampler's precision and
     compilation included (both change the low bits of the images)."""
     spec = dict(m=fingerprint, p=prompt, s=seed, n=count, r=resolution, k=steps, g=guidance)
-    if precision != "fp32":  # fp32 keys stay those of earlier versions
+    if precision != "fp32":  # fp32 keys stay those of earlier versions (same pixels, +-1 where a batch > DECODE_BATCH)
         spec["x"] = precision
+        spec["d"] = 2  # pixels converted in fp32 (sample_images), no longer in the sampler's dtype
     if compiled:
         spec["c"] = 1
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
@@ -78,9 +82,9 @@ def sampling_pipeline(pipe, precision: str = "bf16", channels_last: bool = False
     if channels_last:
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
-    vae.enable_slicing()  # decode image by image: the whole batch at 512 px would need tens of GiB
-    if compile:  # freezing: weights become constants of the graph (Inductor folds and re-lays them out)
-        unet.compile(fullgraph=True, dynamic=False, options={"freezing": True})
+    if compile:  # static shapes: one graph for the UNet's batch, one for the decoder's DECODE_BATCH
+        unet.compile(fullgraph=True, dynamic=False)
+        vae.decoder.compile(fullgraph=True, dynamic=False)
     sampler = StableDiffusionPipeline(
         vae=vae, text_encoder=None, tokenizer=pipe.tokenizer, unet=unet, scheduler=pipe.scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -93,6 +97,39 @@ def prompt_embeddings(pipe, prompt: str, device: torch.device) -> tuple[torch.Te
     """The conditional and unconditional ("") text embeddings of ``prompt``, (1, 77, d) each, as
     the diffusers pipeline computes them for classifier-free guidance."""
     return pipe.encode_prompt(prompt, device, 1, True)
+
+
+def sample_images(sampler, cond: torch.Tensor, uncond: torch.Tensor, generators: list[torch.Generator], num_inference_steps: int,
+                  guidance_scale: float, resolution: int, decode_batch: int = DECODE_BATCH, pad: bool = False) -> torch.Tensor:
+    """One batch of images, uint8 (n, H, W, 3) on the CPU, one per generator. The diffusers pipeline
+    samples the latents (classifier-free guidance; ``cond``/``uncond`` are (1, 77, d) embeddings in
+    the sampler's dtype); then ``decode_latents``. (The pipeline's own decode-and-postprocess
+    converts the whole batch to float on the CPU: 1.8 s per 50 images at 512 px, docs/benchmarks.md.)"""
+    n = len(generators)
+    latents = sampler(
+        prompt_embeds=cond.expand(n, -1, -1), negative_prompt_embeds=uncond.expand(n, -1, -1),
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        height=resolution, width=resolution, generator=generators, output_type="latent",
+    ).images
+    return decode_latents(sampler.vae, latents, decode_batch, pad)
+
+
+def decode_latents(vae, latents: torch.Tensor, batch: int = DECODE_BATCH, pad: bool = False) -> torch.Tensor:
+    """Images as uint8 (n, H, W, 3) on the CPU: the VAE decodes ``batch`` latents at a time (``pad``:
+    a short last chunk is padded with zeros, so a compiled decoder sees one shape), and pixels are
+    mapped to [0, 255] on the device in fp32, as diffusers' ``VaeImageProcessor.postprocess`` does."""
+    out = []
+    for chunk in latents.split(batch):
+        n = len(chunk)
+        if pad and n < batch:
+            chunk = torch.cat([chunk, chunk.new_zeros(batch - n, *chunk.shape[1:])])
+        image = vae.decode(chunk / vae.config.scaling_factor, return_dict=False)[0][:n]
+        out.append(((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
+    return torch.cat(out).cpu()
+
+
+def _save_png(pixels: torch.Tensor, path: Path) -> None:
+    Image.fromarray(pixels.numpy()).save(path, compress_level=1)
 
 
 def _cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -157,12 +194,8 @@ def prior_images(
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
             generators = [torch.Generator(device).manual_seed(seed * 100_003 + i) for i in chunk]
-            images = sampler(
-                prompt_embeds=cond.expand(len(chunk), -1, -1), negative_prompt_embeds=uncond.expand(len(chunk), -1, -1),
-                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                height=resolution, width=resolution, generator=generators,
-            ).images
-            saves += [pool.submit(im.save, tmp / f"{i:04d}.png", compress_level=1) for i, im in zip(chunk, images)]
+            images = sample_images(sampler, cond, uncond, generators, num_inference_steps, guidance_scale, resolution, pad=compile)
+            saves += [pool.submit(_save_png, im, tmp / f"{i:04d}.png") for i, im in zip(chunk, images)]
         for f in saves:
             f.result()
     sampler = None  # free the sampling copy now (its GPU memory), not after the ranks have met
