@@ -103,8 +103,8 @@ def sample_images(sampler, cond: torch.Tensor, uncond: torch.Tensor, generators:
                   guidance_scale: float, resolution: int, decode_batch: int = DECODE_BATCH, pad: bool = False) -> torch.Tensor:
     """One batch of images, uint8 (n, H, W, 3) on the CPU, one per generator. The diffusers pipeline
     samples the latents (classifier-free guidance; ``cond``/``uncond`` are (1, 77, d) embeddings in
-    the sampler's dtype); then ``decode_latents``. (The pipeline's own decode-and-postprocess
-    converts the whole batch to float on the CPU: 1.8 s per 50 images at 512 px, docs/benchmarks.md.)"""
+    the sampler's dtype); then ``decode_latents``. (Against the pipeline's own decode, image by image,
+    and its CPU postprocess: 62.6 -> 60.1 s per 200 images at 512 px on an H200, docs/benchmarks.md.)"""
     n = len(generators)
     latents = sampler(
         prompt_embeds=cond.expand(n, -1, -1), negative_prompt_embeds=uncond.expand(n, -1, -1),
