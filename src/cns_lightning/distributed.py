@@ -36,11 +36,7 @@ class MaskedGradState:
         if len(masked) != len(opts) or not masked:
             return None
         if self._for != id(masked[0]):
-            self._indices = {}
-            for opt in masked:
-                for entries in opt._sources:
-                    for param, idx, _, _ in entries:
-                        self._indices[id(param)] = idx
+            self._indices = {id(param): idx for opt in masked for param, idx in opt.masked_indices()}
             self._for = id(masked[0])
         return self._indices
 

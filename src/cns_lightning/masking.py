@@ -72,6 +72,10 @@ class MaskedAdam(torch.optim.Adam):
                 return pos + offset
         raise KeyError("positions(): parameter not in this group")
 
+    def masked_indices(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(param, flat indices)`` of every trained parameter: the gradient entries ``step`` reads."""
+        return [(param, idx) for entries in self._sources for param, idx, _, _ in entries]
+
     def compact_size(self) -> int:
         return sum(g["params"][0].numel() for g in self.param_groups)
 
