@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import os
 import statistics
@@ -48,6 +47,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from cns_lightning.checkpoint import hash_tensors  # noqa: E402
 from cns_lightning.concepts import concepts_from_config  # noqa: E402
 from cns_lightning.continual import calibration_prompts, select_masks, stage_key  # noqa: E402
 from cns_lightning.data import ConceptDataModule  # noqa: E402
@@ -131,11 +131,7 @@ def make_trainer(trainer_cfg, steps: int, out: Path, speedups: bool, extra_callb
 
 
 def kv_digest(module) -> str:
-    h = hashlib.sha256()
-    for p in module.kv().values():
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    h.update(module.text_encoder.get_input_embeddings().weight.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return hash_tensors([*module.kv().values(), module.text_encoder.get_input_embeddings().weight]).hexdigest()[:16]
 
 
 def folder_bytes(folders: list[Path], names: set[str] | None = None) -> int:

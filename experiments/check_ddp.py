@@ -11,7 +11,6 @@ writes the stage folder. Prints one line per check; exits non-zero on a failure.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from cns_lightning.checkpoint import hash_tensors  # noqa: E402
 from cns_lightning.concepts import Concept  # noqa: E402
 from cns_lightning.data import ConceptDataModule  # noqa: E402
 from cns_lightning.distributed import MaskedDDPStrategy  # noqa: E402
@@ -74,12 +74,9 @@ def main() -> int:
                         enable_model_summary=False, precision="bf16-mixed" if args.gpu else "32-true")
     trainer.fit(module, datamodule=dm)
     module.end_stage()
-    h = hashlib.sha256()
-    for p in module.kv().values():
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    h.update(pipe.text_encoder.get_input_embeddings().weight.detach().float().cpu().numpy().tobytes())
+    digest = hash_tensors([*module.kv().values(), pipe.text_encoder.get_input_embeddings().weight]).hexdigest()
     digests = [None] * world
-    dist.all_gather_object(digests, h.hexdigest())
+    dist.all_gather_object(digests, digest)
     checks["K/V and token embeddings identical on every rank"] = len(set(digests)) == 1
     after = {n: p.detach().cpu() for n, p in module.kv().items()}
     checks["entries outside the mask unchanged"] = all(torch.equal(after[n][~masks[n]], before[n][~masks[n]]) for n in masks)

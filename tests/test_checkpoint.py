@@ -317,3 +317,19 @@ def test_pickled_checkpoint_is_refused_not_executed(tmp_path):
     assert not marker.exists()
     source = Path(ck.__file__).read_text()
     assert "import pickle" not in source and "torch.load(" not in source
+
+
+def test_hash_tensors_depends_on_values_only():
+    import hashlib
+
+    from cns_lightning.checkpoint import hash_tensors
+
+    a = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    same = [a.clone(), a.t().contiguous().t(), a.to(torch.float64)]  # other memory layout, other dtype
+    digests = {hash_tensors([x]).hexdigest() for x in same}
+    assert digests == {hash_tensors([a]).hexdigest()}
+    b = a.clone()
+    b[2, 3] += 1
+    assert hash_tensors([b]).hexdigest() != hash_tensors([a]).hexdigest()
+    h = hashlib.sha256(b"prefix")  # feeds a given hash and returns it
+    assert hash_tensors([a], h) is h and h.hexdigest() == hashlib.sha256(b"prefix" + a.numpy().tobytes()).hexdigest()

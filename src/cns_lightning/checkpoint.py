@@ -29,6 +29,7 @@ __all__ = [
     "CheckpointError",
     "atomic_write_bytes",
     "disk_free_check",
+    "hash_tensors",
     "load_json",
     "load_tensors",
     "pack_mask",
@@ -55,6 +56,16 @@ def _redo(stage: Path) -> str:
 def sha256_bytes(data: bytes) -> str:
     """Hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
+
+
+def hash_tensors(tensors, h=None):
+    """Feed each tensor's values (as fp32, row-major) into the hashlib object ``h`` (a new sha256 if
+    None) and return it: the same values give the same digest on any device. Model fingerprints,
+    cache keys and the DDP weight check use it."""
+    h = hashlib.sha256() if h is None else h
+    for t in tensors:
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h
 
 
 def _fsync_dir(folder: Path) -> None:

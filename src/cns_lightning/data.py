@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from .checkpoint import CheckpointError, load_tensors, save_tensors
+from .checkpoint import CheckpointError, hash_tensors, load_tensors, save_tensors
 from .concepts import Concept
 from .images import load_image
 
@@ -144,9 +144,8 @@ class ConceptDataModule(L.LightningDataModule):
         _, _, bf16 = self._encoding()
         h = hashlib.sha256()
         h.update(json.dumps(dict(self.vae.config), sort_keys=True, default=str).encode())
-        for t in (self.vae.encoder.conv_in.weight, getattr(self.vae, "quant_conv", None) and self.vae.quant_conv.weight):
-            if t is not None:
-                h.update(t.detach().float().cpu().numpy().tobytes())
+        quant = getattr(self.vae, "quant_conv", None)
+        hash_tensors([self.vae.encoder.conv_in.weight] + ([quant.weight] if quant is not None else []), h)
         h.update(json.dumps([Path(p).name for p in self.prior_images] + [self.resolution, "bf16" if bf16 else "fp32"]).encode())
         return next(iter(folders)) / f"latents-{h.hexdigest()[:16]}.safetensors"
 

@@ -30,6 +30,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from .checkpoint import hash_tensors
 from .models import cross_attention_kv
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,9 +46,7 @@ def model_fingerprint(pipe) -> str:
     for config in (dict(pipe.unet.config), dict(pipe.text_encoder.config.to_dict())):
         h.update(json.dumps({k: v for k, v in config.items() if not str(k).startswith("_")}, sort_keys=True, default=str).encode())
     kv = list(cross_attention_kv(pipe.unet).values())
-    for t in (kv[0], kv[-1], pipe.unet.conv_in.weight, pipe.vae.decoder.conv_out.weight):
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return hash_tensors((kv[0], kv[-1], pipe.unet.conv_in.weight, pipe.vae.decoder.conv_out.weight), h).hexdigest()[:16]
 
 
 def cache_key(fingerprint: str, prompt: str, seed: int, count: int, resolution: int, steps: int, guidance: float,

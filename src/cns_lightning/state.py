@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_json, load_tensors, save_json, save_tensors, unpack_mask, verify_folder, write_manifest
+from .checkpoint import CheckpointError, hash_tensors, load_json, load_tensors, save_json, save_tensors, unpack_mask, verify_folder, write_manifest
 
 def stage_dir(run_dir: Path, index: int, name: str) -> Path:
     return Path(run_dir) / "stages" / f"{index + 1:02d}_{safe_name(name)}"
@@ -83,16 +83,11 @@ def ranks_agree(tensors: list[torch.Tensor]) -> tuple[int, str]:
     """(world size, sha256 of ``tensors``) after checking that every torch.distributed rank holds
     the same values (DDP must leave identical weights on every rank); raises ``RuntimeError`` naming
     the ranks' digests if not. Outside torch.distributed: (1, "") and nothing is hashed."""
-    import hashlib
-
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return 1, ""
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    digest = h.hexdigest()[:16]
+    digest = hash_tensors(tensors).hexdigest()[:16]
     digests: list = [None] * dist.get_world_size()
     dist.all_gather_object(digests, digest)
     if len(set(digests)) != 1:
