@@ -25,12 +25,11 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from cns_lightning.concepts import Concept  # noqa: E402
+from cns_lightning.concepts import Concept, write_random_concept_folder  # noqa: E402
 from cns_lightning.data import ConceptDataModule  # noqa: E402
 from cns_lightning.models import build_random_pipeline, cross_attention_kv  # noqa: E402
 from cns_lightning.module import CNSModule, NonFiniteLossError  # noqa: E402
@@ -44,16 +43,6 @@ STEPS = 20
 # the weights' change is held to 0.1. The first device run used 0.05 for both, a guess made before
 # any measurement; the token rows (64 numbers) came out at 0.063 with compile (docs/benchmarks.md).
 TOL = {"cuda fp32": (1e-5, 1e-3), "cuda bf16": (1e-2, 0.1), "cuda bf16 + compile": (1e-2, 0.1)}
-
-
-def concept_folder(folder: Path, seed: int, n: int = 3, size: int = 48) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, size=3)
-    for i in range(n):
-        arr = np.clip(base + rng.normal(0, 40, size=(size, size, 3)), 0, 255).astype("uint8")
-        Image.fromarray(arr).save(folder / f"{i:02d}.png")
-    return folder
 
 
 class Losses(L.Callback):
@@ -74,7 +63,7 @@ def snapshot(pipe) -> dict[str, torch.Tensor]:
 def run(device: str, precision: str, speed: bool, root: Path) -> dict:
     torch.manual_seed(0)
     pipe = build_random_pipeline("tiny")
-    concepts = [Concept(name=f"c{i}", token=f"<new{i + 1}>", class_name="toy", path=concept_folder(root / f"c{i}", seed=i)) for i in range(2)]
+    concepts = [Concept(name=f"c{i}", token=f"<new{i + 1}>", class_name="toy", path=write_random_concept_folder(root / f"c{i}", seed=i)) for i in range(2)]
     ids = add_concept_tokens(pipe.tokenizer, pipe.text_encoder, concepts)
     pipe.to(device)
     module = CNSModule(pipe, lr_neurons=1e-3, lr_token=1e-3, lambda1=1.0, lambda2=1.0)

@@ -7,24 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from cns_lightning.concepts import write_random_concept_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def make_concept_folder(folder: Path, n: int = 3, seed: int = 0, size: int = 48, captions: list[str] | None = None) -> Path:
-    """A concept folder of ``n`` distinct random RGB images (and optional .txt captions)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, size=3)
-    for i in range(n):
-        arr = np.clip(base + rng.normal(0, 40, size=(size, size, 3)), 0, 255).astype("uint8")
-        Image.fromarray(arr).save(folder / f"{i:02d}.png")
-        if captions:
-            (folder / f"{i:02d}.txt").write_text(captions[i % len(captions)])
-    return folder
+# A concept folder of n distinct random RGB images (and optional .txt captions).
+make_concept_folder = write_random_concept_folder
 
 
 @pytest.fixture(scope="session", autouse=True)
