@@ -161,7 +161,7 @@ def prior_images(
 
     ``precision``: "bf16" / "fp16" sample on a copy of the UNet and VAE in that dtype on CUDA;
     "fp32", and always on a CPU, sample with ``pipe`` itself. ``compile``: ``torch.compile`` the
-    copy's UNet (bf16/fp16 only; pays back only over many images: docs/benchmarks.md).
+    copy's UNet and VAE decoder (bf16/fp16 only; pays back only over many images: docs/benchmarks.md).
     """
     device = pipe.unet.device
     precision = sampling_precision(device, precision)
