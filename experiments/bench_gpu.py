@@ -27,12 +27,14 @@ prior generation split across ranks (see docs/scaling.md).
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -108,6 +110,40 @@ class StepTimer(L.Callback):
         return [ev[i].elapsed_time(ev[i + 1]) for i in range(warmup, len(ev) - 1)]
 
 
+class StepProfile(L.Callback):
+    """``--profile N``: torch.profiler over N training steps after the warm-up, on every rank; prints
+    the GPU time per step the kernels took (their summed durations, a bound on how busy the GPU was)
+    against the wall time per step, and the host-side ops that took the most CPU time."""
+
+    def __init__(self, start: int, steps: int):
+        self.start, self.steps, self.prof, self.t0 = start, steps, None, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.start:
+            torch.cuda.synchronize()
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+            self.prof.__enter__()
+            self.caught = warnings.catch_warnings(record=True)
+            self.syncs = self.caught.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")  # every host-synchronizing CUDA call, with its Python line
+            self.t0 = time.perf_counter()
+        elif batch_idx == self.start + self.steps and self.prof is not None:
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - self.t0) * 1000 / self.steps
+            torch.cuda.set_sync_debug_mode(0)
+            self.caught.__exit__(None, None, None)
+            self.prof.__exit__(None, None, None)
+            sync_sites = collections.Counter(f"{w.filename}:{w.lineno}" for w in self.syncs if "synchroniz" in str(w.message))
+            print(f"[profile rank {rank()}] host syncs per step: " + (", ".join(f"{k} x{v / self.steps:g}" for k, v in sync_sites.most_common()) or "none"), flush=True)
+            events = self.prof.key_averages()
+            gpu = sum(e.self_device_time_total for e in events) / 1000 / self.steps
+            top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+            lines = [f"  {e.key[:60]:60s} cpu {e.self_cpu_time_total / 1000 / self.steps:7.2f} ms/step  x{e.count // self.steps}" for e in top]
+            print(f"[profile rank {rank()}] wall {wall:.2f} ms/step (profiled), kernels {gpu:.2f} ms/step of GPU time\n" + "\n".join(lines), flush=True)
+            self.prof = None
+
+
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -180,6 +216,8 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=7)
     ap.add_argument("--ddp", action="store_true")
     ap.add_argument("--no-speedups", action="store_true", help="--ddp: eager (no torch.compile / channels-last)")
+    ap.add_argument("--profile", type=int, default=0, help="--ddp: profile this many steps after the warm-up")
+    ap.add_argument("--trainer", default="ddp", help="--ddp with 2+ ranks: the trainer config (ddp, ddp_compact, ddp_masked)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -394,7 +432,8 @@ def ddp_main(args, out: Path, cache: Path, results: dict) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local)
-    cfg = compose_cfg(["model=sd15_random", "trainer=ddp" if world > 1 else "trainer=gpu"])
+    cfg = compose_cfg(["model=sd15_random", f"trainer={args.trainer}" if world > 1 else "trainer=gpu"])
+    results["trainer"] = args.trainer if world > 1 else "gpu"
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl")  # Lightning reuses this group (and prior generation splits over it)
     L.seed_everything(0, verbose=False)
@@ -425,7 +464,8 @@ def ddp_main(args, out: Path, cache: Path, results: dict) -> None:
                            prior_prompt=c0.class_prompt(), vae=pipe.vae, seed=0, cache_dir=str(cache))
     timer = StepTimer()
     t0 = time.time()
-    trainer = make_trainer(cfg.trainer, args.stage_steps, out / f"ddp{world}", speedups=not args.no_speedups, extra_callbacks=[timer])
+    extra = [timer] + ([StepProfile(args.warmup + 20, args.profile)] if args.profile else [])
+    trainer = make_trainer(cfg.trainer, args.stage_steps, out / f"ddp{world}", speedups=not args.no_speedups, extra_callbacks=extra)
     trainer.fit(module, datamodule=dm)
     module.end_stage()
     results["fit_s"] = round(time.time() - t0, 1)
@@ -442,7 +482,7 @@ def ddp_main(args, out: Path, cache: Path, results: dict) -> None:
     results["identical_across_ranks"] = len(set(digests)) == 1
     if rank() == 0:
         json.dump(results, open(out / f"ddp{world}.json", "w"), indent=2)
-        print(f"DDP world={world} on {results['device']}: {results['ms_median']} ms/step, {results['samples_per_s']} samples/s, "
+        print(f"DDP world={world} trainer={results['trainer']} on {results['device']}: {results['ms_median']} ms/step, {results['samples_per_s']} samples/s, "
               f"fit {results['fit_s']} s, priors {args.prior_images} in {results['prior_s']} s, identical weights: {results['identical_across_ranks']} {digests}")
 
 

@@ -2,8 +2,10 @@
 
 On the ``tiny`` pipeline with 2 ranks (gloo on the CPU, or NCCL with --gpu): prior images are
 generated split across the ranks into one folder; one masked stage trains under Lightning's DDP
-(conf/trainer/ddp.yaml's settings: strategy ddp, no distributed sampler; ``--masked``: conf/trainer/ddp_masked.yaml's
-MaskedDDPStrategy, which all-reduces only the masked gradient entries); then every rank's K/V
+(conf/trainer/ddp.yaml's settings: strategy ddp, no distributed sampler; ``--strategy masked``:
+conf/trainer/ddp_masked.yaml's MaskedDDPStrategy, which all-reduces only the masked gradient
+entries; ``--strategy compact``: conf/trainer/ddp_compact.yaml's CompactGradStrategy, no DDP
+wrapper, one all-reduce of the optimizer's compact gradients); then every rank's K/V
 and token embeddings must be bit-identical, entries outside the mask unchanged, and only rank 0
 writes the stage folder. Prints one line per check; exits non-zero on a failure.
 """
@@ -28,7 +30,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from cns_lightning.checkpoint import hash_tensors  # noqa: E402
 from cns_lightning.concepts import Concept  # noqa: E402
 from cns_lightning.data import ConceptDataModule  # noqa: E402
-from cns_lightning.distributed import MaskedDDPStrategy  # noqa: E402
+from cns_lightning.distributed import CompactGradStrategy, MaskedDDPStrategy  # noqa: E402
 from cns_lightning.models import build_random_pipeline, cross_attention_kv  # noqa: E402
 from cns_lightning.module import CNSModule  # noqa: E402
 from cns_lightning.prior import prior_images  # noqa: E402
@@ -36,10 +38,14 @@ from cns_lightning.state import save_stage, stage_dir  # noqa: E402
 from cns_lightning.tokens import add_concept_tokens  # noqa: E402
 
 
+STRATEGIES = {"ddp": lambda: "ddp", "masked": MaskedDDPStrategy, "compact": CompactGradStrategy}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu", action="store_true")
-    ap.add_argument("--masked", action="store_true", help="MaskedDDPStrategy (all-reduce only the masked entries)")
+    ap.add_argument("--strategy", choices=["ddp", "masked", "compact"], default="ddp",
+                    help="ddp: Lightning DDP; masked: MaskedDDPStrategy; compact: CompactGradStrategy")
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "cns_check_ddp"))
     args = ap.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -69,7 +75,7 @@ def main() -> int:
     module.add_masks("c01", masks)
     module.begin_stage("c01", [ids["c0"]], earlier=[])
     dm = ConceptDataModule(concept, pipe.tokenizer, 32, steps=8, batch_size=2, vae=pipe.vae, seed=0, prior_images=priors, prior_prompt="a toy")
-    trainer = L.Trainer(max_steps=8, accelerator="gpu" if args.gpu else "cpu", devices=world, strategy=MaskedDDPStrategy() if args.masked else "ddp",
+    trainer = L.Trainer(max_steps=8, accelerator="gpu" if args.gpu else "cpu", devices=world, strategy=STRATEGIES[args.strategy](),
                         use_distributed_sampler=False, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, precision="bf16-mixed" if args.gpu else "32-true")
     trainer.fit(module, datamodule=dm)

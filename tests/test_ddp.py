@@ -12,7 +12,7 @@ from conftest import FAST, ROOT, concepts_override
 DDP_CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.callbacks=[]", "trainer.benchmark=false"]
 
 
-@pytest.mark.parametrize("trainer", ["ddp", "ddp_masked"])  # dense all-reduce / only the masked entries
+@pytest.mark.parametrize("trainer", ["ddp", "ddp_masked", "ddp_compact"])  # dense all-reduce / masked entries / no DDP wrapper
 def test_two_ranks_train_identical_weights_and_rank0_saves(tmp_path, concept_dirs, env, trainer):
     args = [concepts_override(concept_dirs[:2]), *FAST, "prior.num_images=4", f"trainer={trainer}", *DDP_CPU]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cns_lightning", *args]

@@ -1,4 +1,4 @@
-"""distributed.py: the DDP hook all-reduces exactly the masked gradient entries (2 gloo processes)."""
+"""distributed.py: the DDP hook all-reduces exactly the masked gradient entries, and `average_gradients` (CompactGradStrategy) averages exactly the compact gradients (2 gloo processes)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from cns_lightning.distributed import MaskedGradState, masked_allreduce_hook
+from cns_lightning.distributed import MaskedGradState, average_gradients, masked_allreduce_hook
 from cns_lightning.masking import MaskedAdam, row_mask
 
 
@@ -52,3 +52,58 @@ def test_only_masked_entries_are_averaged_and_weights_stay_identical(tmp_path):
     assert not torch.equal(r0["local_lin"][m], r1["local_lin"][m])  # the ranks did differ
     (a_lin, a_emb), (b_lin, b_emb) = out["w0"], out["w1"]
     assert torch.equal(a_lin, b_lin) and torch.equal(a_emb, b_emb)  # one update on every rank
+
+
+def _compact_worker(rank: int, world: int, init: str, out: dict) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 6, bias=False))
+    emb, lin = model[0].weight, model[1].weight
+    kv_mask = torch.rand(lin.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+    before = lin.detach().clone()
+    opt = MaskedAdam([{"params": [(lin, kv_mask)], "lr": 1e-2}, {"params": [(emb, row_mask(10, [3]))], "lr": 1e-2}])
+    x = torch.tensor([[3, 1 + rank]])  # every rank its own data
+    model(x).pow(2).sum().backward()
+    local = [g.clone() for g in (lin.grad, emb.grad)]
+    average_gradients(opt)  # no DDP wrapper: one all-reduce of the compact gradients
+    out[rank] = dict(compact=[g["params"][0].grad.clone() for g in opt.param_groups], local=local, mask=kv_mask)
+    opt.step()
+    out[f"w{rank}"] = (lin.detach().clone(), emb.detach().clone(), before)
+    dist.destroy_process_group()
+
+
+def test_average_gradients_averages_the_compact_gradients_and_weights_stay_identical(tmp_path):
+    world = 2
+    out = mp.Manager().dict()
+    mp.spawn(_compact_worker, args=(world, f"file://{tmp_path / 'store'}", out), nprocs=world, join=True)
+    r0, r1 = out[0], out[1]
+    m = r0["mask"]
+    mean_lin = (r0["local"][0] + r1["local"][0]) / 2
+    mean_row = (r0["local"][1][3] + r1["local"][1][3]) / 2
+    assert not torch.equal(r0["local"][0][m], r1["local"][0][m])  # the ranks did differ
+    for r in (r0, r1):
+        assert torch.allclose(r["compact"][0], mean_lin[m])  # the masked K/V entries, row-major
+        assert torch.allclose(r["compact"][1], mean_row)      # the token row
+        assert torch.equal(r["compact"][0], r0["compact"][0]) and torch.equal(r["compact"][1], r0["compact"][1])
+    (a_lin, a_emb, before), (b_lin, b_emb, _) = out["w0"], out["w1"]
+    assert torch.equal(a_lin, b_lin) and torch.equal(a_emb, b_emb)  # one update on every rank
+    assert torch.equal(a_lin[~m], before[~m]) and not torch.equal(a_lin[m], before[m])
+
+
+def test_throttle_sigterm_broadcast_checks_every_n_batches(monkeypatch):
+    """CompactGradStrategy makes Lightning's per-batch SIGTERM broadcast (two host syncs) run every
+    n batches: at the same batch counts on every rank, starting with the first."""
+    import lightning as L
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    from cns_lightning.distributed import throttle_sigterm_broadcast
+
+    seen = []
+    monkeypatch.setattr(_TrainingEpochLoop, "_broadcast_sigterm_tensor", lambda self: seen.append(self.batch_progress.total.ready))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    throttle_sigterm_broadcast(trainer, 3)
+    loop = trainer.fit_loop.epoch_loop
+    for _ in range(7):  # what advance() does: the check, then the batch counts as ready
+        loop._broadcast_sigterm_tensor()
+        loop.batch_progress.increment_ready()
+    assert seen == [0, 3, 6]

@@ -77,3 +77,21 @@ def test_masked_adam_refuses_empty_masks():
         MaskedAdam([{"params": [], "lr": 1e-3}])
     opt = MaskedAdam([{"params": [(w, torch.zeros(3, 3, dtype=torch.bool))], "lr": 1e-3}, {"params": [(w, torch.eye(3, dtype=torch.bool))], "lr": 1e-3}])
     assert opt.compact_size() == 3
+
+
+def test_masked_adam_compact_gradients_accumulate_until_zero_grad():
+    """Gradient accumulation (trainer.accumulate_grad_batches): two backwards gathered one after the
+    other give the compact gradient of their sum, as .grad would; zero_grad clears it."""
+    w, e, mask, rows, tw, te = _problem(2)
+    opt = MaskedAdam([{"params": [(w, mask)], "lr": 1e-2}])
+    half = lambda: 0.5 * _loss(w, e, tw, te)  # noqa: E731
+    half().backward()
+    opt.gather_grads()
+    half().backward()
+    opt.gather_grads()
+    accumulated = opt.param_groups[0]["params"][0].grad.clone()
+    opt.zero_grad()
+    assert opt.param_groups[0]["params"][0].grad is None
+    _loss(w, e, tw, te).backward()
+    opt.gather_grads()
+    torch.testing.assert_close(accumulated, opt.param_groups[0]["params"][0].grad)

@@ -33,9 +33,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from .continual import run
+    from .continual import run, teardown_distributed
 
     run(cfg)
+    teardown_distributed()
 
 
 if __name__ == "__main__":

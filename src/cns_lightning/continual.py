@@ -149,6 +149,15 @@ def setup_distributed(device: torch.device) -> torch.device:
     return device
 
 
+def teardown_distributed() -> None:
+    """After a completed run: wait for every rank, then close the process group (left open, its
+    threads can abort the interpreter at exit: "terminate called without an active exception"),
+    so a next Hydra job in this process starts a fresh one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def make_evaluator(cfg: DictConfig, run_dir: Path, concepts: list[Concept], device):
     ev_cfg = cfg.get("eval")
     if not is_main_rank():

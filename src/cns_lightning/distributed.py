@@ -1,5 +1,15 @@
 """Data-parallel training that communicates only the trainable entries.
 
+Two Lightning strategies, both built on Lightning's ``DDPStrategy`` (process launch, ranks,
+samplers, barriers, rank-0 saving):
+
+- ``CompactGradStrategy`` (``trainer=ddp_compact``): no ``DistributedDataParallel`` wrapper at
+  all. After each backward, ``MaskedAdam``'s compact gradients (exactly the entries it will read,
+  a few MB) are averaged over the ranks in one all-reduce (``average_gradients``), so the
+  training step is the one-GPU step plus one small collective; the compiled, CUDA-graphed step
+  is untouched by DDP's autograd hooks and buckets.
+- ``MaskedDDPStrategy`` (``trainer=ddp_masked``): DDP with a communication hook, described below.
+
 A CNS stage trains a few percent of the cross-attention K/V entries and one token row, but
 autograd produces dense gradients for every K/V weight and the whole 49k-row token-embedding
 matrix (about 230 MB in fp32 at SD-1.5 scale). Plain DDP all-reduces all of it every step.
@@ -16,7 +26,70 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 
+from lightning.pytorch.overrides.distributed import _sync_module_states
+
 from .masking import MaskedAdam
+
+
+def average_gradients(optimizer: torch.optim.Optimizer, group=None) -> None:
+    """Replace the gradient of every parameter ``optimizer`` updates by its mean over the ranks, in
+    one all-reduce per dtype. For a ``MaskedAdam`` these are its compact vectors (gathered first if
+    nobody did), i.e. only the masked entries. A missing gradient counts as zeros, so every rank
+    makes the same collective calls whatever its batch did."""
+    if isinstance(optimizer, MaskedAdam) and not optimizer.gathered:
+        optimizer.gather_grads()
+    world = dist.get_world_size(group)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for dtype in sorted({p.dtype for p in params}, key=str):
+        same = [p for p in params if p.dtype == dtype]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in same])
+        dist.all_reduce(flat, group=group)
+        flat.div_(world)
+        offset = 0
+        for p in same:
+            p.grad = flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+
+def throttle_sigterm_broadcast(trainer, every_n_steps: int) -> None:
+    """Lightning 2.6 broadcasts a SIGTERM flag from rank 0 and reads it on the host (``.item()``)
+    before every training batch: two host-GPU syncs per step that drain the GPU queue. Make the
+    fit loop do it only every ``every_n_steps`` batches (the same batches on every rank, so the
+    collective still matches); a SIGTERM is then noticed at most that many steps later."""
+    loop = trainer.fit_loop.epoch_loop
+    original = getattr(type(loop), "_broadcast_sigterm_tensor", None)
+    if original is None or every_n_steps <= 1:
+        return
+
+    def every_n() -> None:
+        if loop.batch_progress.total.ready % every_n_steps == 0:  # batches run before this one
+            original(loop)
+
+    loop._broadcast_sigterm_tensor = every_n
+
+
+class CompactGradStrategy(DDPStrategy):
+    """Lightning's DDP strategy without the ``DistributedDataParallel`` wrapper (see the module
+    docstring): every rank starts from rank 0's parameters and buffers (as DDP does), and the
+    optimizer step averages the optimizer's gradients over the ranks (``average_gradients``)
+    between the backward and the update, before gradient clipping sees them. Every rank then
+    applies the same update and keeps identical weights."""
+
+    def __init__(self, sigterm_check_every_n_steps: int = 50, **kwargs):
+        super().__init__(**kwargs)
+        self.sigterm_check_every_n_steps = int(sigterm_check_every_n_steps)
+
+    def configure_ddp(self) -> None:
+        _sync_module_states(self.model)  # what DistributedDataParallel's constructor does
+        throttle_sigterm_broadcast(self.lightning_module.trainer, self.sigterm_check_every_n_steps)
+
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs):
+        def closure_then_average():
+            result = closure()
+            average_gradients(optimizer)
+            return result
+
+        return super().optimizer_step(optimizer, closure_then_average, model, **kwargs)
 
 
 class MaskedGradState:

@@ -79,9 +79,15 @@ class MaskedAdam(torch.optim.Adam):
     def compact_size(self) -> int:
         return sum(g["params"][0].numel() for g in self.param_groups)
 
+    @property
+    def gathered(self) -> bool:
+        """Whether the compact gradients already hold the last backward's gradients."""
+        return self._gathered
+
     @torch.no_grad()
     def gather_grads(self) -> None:
-        """Copy each source parameter's gradient at its masked entries into the compact gradients."""
+        """Add each source parameter's gradient at its masked entries to the compact gradients
+        (which accumulate, like ``.grad``, until ``zero_grad``), then drop the full-size gradient."""
         for group, entries in zip(self.param_groups, self._sources):
             compact = group["params"][0]
             parts = []
@@ -91,7 +97,8 @@ class MaskedAdam(torch.optim.Adam):
                 else:
                     parts.append(param.grad.reshape(-1).index_select(0, idx).float())
                     param.grad = None  # the full-size gradient is not needed any more
-            compact.grad = torch.cat(parts) if len(parts) > 1 else parts[0]
+            fresh = torch.cat(parts) if len(parts) > 1 else parts[0]
+            compact.grad = fresh if compact.grad is None else compact.grad.add_(fresh)
         self._gathered = True
 
     @torch.no_grad()
