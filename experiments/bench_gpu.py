@@ -20,8 +20,10 @@ Measured:
     size does not depend on the step count).
 
 ``--ddp``: launch with ``torchrun --nproc_per_node=2 experiments/bench_gpu.py --ddp`` to time a
-stage under conf/trainer/ddp.yaml, check that every rank ends with identical weights, and time
-prior generation split across ranks (see docs/scaling.md).
+stage under conf/trainer/ddp.yaml (``--trainer ddp_compact`` / ``ddp_masked``: those configs; one
+process without torchrun: conf/trainer/gpu.yaml), check that every rank ends with identical
+weights, and time prior generation split across ranks; ``--profile N`` adds a profiler window of N
+steps and lists every host-synchronising CUDA call by Python line (see docs/scaling.md).
 """
 
 from __future__ import annotations
