@@ -125,3 +125,25 @@ def test_compiled_training_step_matches_eager(tmp_path, setup):
     eager, compiled = results
     for name, a in eager.items():
         torch.testing.assert_close(compiled[name], a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_reg_gradient_enters_a_step_once_whatever_the_gradient_accumulation(tmp_path, setup):
+    """trainer.accumulate_grad_batches = k: Lightning scales each micro-batch's loss by 1/k and the
+    compact gradients add up over the k backwards; L_reg's gradient (added in on_after_backward)
+    is scaled the same way, so one optimizer step sees it once."""
+    pipe, module, concepts, ids = setup
+    masks = _random_masks(pipe, 0.3, 0)
+    _stage(tmp_path, pipe, module, concepts, ids, 0, masks, steps=3)  # now W_{m-1} != W_0: the lambda2 term pulls
+    module.add_masks("c1", masks)  # full overlap: M = mask_1
+    module.begin_stage("c1", [ids[concepts[1].name]], earlier=["c0"])
+    grads = {}
+    for k in (1, 3):
+        module.trainer = L.Trainer(accelerator="cpu", accumulate_grad_batches=k, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        opt = module.configure_optimizers()
+        for _ in range(k):  # k micro-batches (no diffusion loss here: only L_reg's gradient)
+            module._regularization(torch.device("cpu"))
+            module.on_after_backward()
+        grads[k] = opt.param_groups[0]["params"][0].grad.clone()
+    assert grads[1].abs().sum() > 0
+    torch.testing.assert_close(grads[3], grads[1])
+    module.end_stage()

@@ -213,7 +213,10 @@ class CNSModule(L.LightningModule):
             opt.gather_grads()  # gradient clipping / grad-norm callbacks then see the compact grads
             reg_state = self._stage.get("reg")
             if reg_state is not None and reg_state["grad"] is not None:
-                opt.param_groups[0]["params"][0].grad.index_add_(0, reg_state["pos"], reg_state["grad"])
+                # Lightning divides each micro-batch's loss by accumulate_grad_batches: so does L_reg's
+                # gradient, which then enters an optimizer step once whatever the accumulation.
+                micro = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
+                opt.param_groups[0]["params"][0].grad.index_add_(0, reg_state["pos"], reg_state["grad"], alpha=1.0 / micro)
                 reg_state["grad"] = None
 
     def on_fit_start(self) -> None:
