@@ -12,7 +12,7 @@ and checks, for every GPU run:
   2. the stage's result matches the CPU path: ||dW_gpu - dW_cpu|| / ||dW_cpu|| over the K/V and
      over the token rows (dW = change over the two stages), and the per-step losses;
   3. a NaN inside the mask is reported as NonFiniteLossError (sync-free check, read later).
-The noise and timesteps are drawn on the CPU (CNSModule._host_randn), so all runs see the same
+The noise and timesteps are drawn on the CPU (CNSModule._host_random), so all runs see the same
 random numbers. Prints a table and exits non-zero on a failure.
 """
 

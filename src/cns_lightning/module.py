@@ -249,26 +249,19 @@ class CNSModule(L.LightningModule):
         return cached.expand(ids.shape[0], *cached.shape[1:])
 
     @staticmethod
-    def _host_randn(like: torch.Tensor) -> torch.Tensor:
-        """Gaussian noise drawn from the CPU generator, then copied (asynchronously) to ``like``'s
-        device: the same seed gives the same noise on CPU and GPU, so runs compare across devices."""
-        if like.device.type == "cpu":
-            return torch.randn(like.shape, dtype=like.dtype)
-        host = torch.empty(like.shape, dtype=like.dtype, pin_memory=True).normal_()
-        return host.to(like.device, non_blocking=True)
-
-    @staticmethod
-    def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Copy a small CPU tensor to ``device`` through pinned memory: a copy from pageable memory
-        makes the host wait for the GPU to drain its queue (one stall per training step)."""
-        if device.type == "cpu":
-            return host
-        return host.pin_memory().to(device, non_blocking=True)
+    def _host_random(shape, dtype: torch.dtype, device: torch.device, fill) -> torch.Tensor:
+        """Random numbers drawn from the CPU generator (``fill`` draws them in place into a host
+        tensor, pinned when ``device`` is not the CPU), then copied asynchronously to ``device``:
+        the same seed gives the same draws on CPU and GPU, so runs compare across devices, and no
+        copy from pageable memory makes the host wait for the GPU to drain its queue."""
+        host = fill(torch.empty(shape, dtype=dtype, pin_memory=device.type != "cpu"))
+        return host if device.type == "cpu" else host.to(device, non_blocking=True)
 
     def _latents(self, batch: dict, prefix: str) -> torch.Tensor:
         if f"{prefix}_mean" in batch:  # cached VAE posterior: sample it
             mean, std = batch[f"{prefix}_mean"], batch[f"{prefix}_std"]
-            return (mean + std * self._host_randn(std)) * self.vae.config.scaling_factor
+            eps = self._host_random(std.shape, std.dtype, std.device, torch.Tensor.normal_)
+            return (mean + std * eps) * self.vae.config.scaling_factor
         with torch.no_grad():
             pixels = batch[f"{prefix}_pixels"].to(self.vae.dtype)
             return self.vae.encode(pixels).latent_dist.sample() * self.vae.config.scaling_factor
@@ -283,8 +276,9 @@ class CNSModule(L.LightningModule):
             cond = torch.cat([cond, self._prior_condition(batch).to(cond.dtype)])
         if self._fast.get("channels_last"):
             latents = latents.contiguous(memory_format=torch.channels_last)
-        noise = self._host_randn(latents)
-        t = self._to_device(torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],)), latents.device)
+        noise = self._host_random(latents.shape, latents.dtype, latents.device, torch.Tensor.normal_)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        t = self._host_random((latents.shape[0],), torch.long, latents.device, lambda h: h.random_(0, steps))  # = torch.randint
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         unet = self._fast.get("unet", self.unet)
         pred = unet(noisy, t, cond, return_dict=False)[0]
