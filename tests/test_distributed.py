@@ -16,18 +16,31 @@ class Holder:  # what MaskedGradState reads from a Lightning strategy: its optim
         self.optimizers = []
 
 
-def _worker(rank: int, world: int, init: str, out: dict) -> None:
+def _toy_problem(rank: int, world: int, init: str):
+    """Join the gloo group; the same toy model on every rank (a "K/V" weight with a random mask and
+    a token-embedding row), its MaskedAdam, and this rank's own input."""
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 6, bias=False))
     emb, lin = model[0].weight, model[1].weight
     kv_mask = torch.rand(lin.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+    opt = MaskedAdam([{"params": [(lin, kv_mask)], "lr": 1e-2}, {"params": [(emb, row_mask(10, [3]))], "lr": 1e-2}])
+    x = torch.tensor([[3, 1 + rank]])  # every rank its own data
+    return model, emb, lin, kv_mask, opt, x
+
+
+def _spawn(worker, tmp_path, world: int = 2) -> dict:
+    out = mp.Manager().dict()
+    mp.spawn(worker, args=(world, f"file://{tmp_path / 'store'}", out), nprocs=world, join=True)
+    return dict(out)
+
+
+def _worker(rank: int, world: int, init: str, out: dict) -> None:
+    model, emb, lin, kv_mask, opt, x = _toy_problem(rank, world, init)
     holder = Holder()
+    holder.optimizers = [opt]
     ddp = DistributedDataParallel(model, bucket_cap_mb=1)
     ddp.register_comm_hook(MaskedGradState(holder), masked_allreduce_hook)
-    opt = MaskedAdam([{"params": [(lin, kv_mask)], "lr": 1e-2}, {"params": [(emb, row_mask(10, [3]))], "lr": 1e-2}])
-    holder.optimizers = [opt]
-    x = torch.tensor([[3, 1 + rank]])  # every rank its own data
     ddp(x).pow(2).sum().backward()
     local = model(x).pow(2).sum()  # the same loss without DDP: this rank's own gradient
     g_lin, g_emb = torch.autograd.grad(local, [lin, emb])
@@ -38,9 +51,7 @@ def _worker(rank: int, world: int, init: str, out: dict) -> None:
 
 
 def test_only_masked_entries_are_averaged_and_weights_stay_identical(tmp_path):
-    world = 2
-    out = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, f"file://{tmp_path / 'store'}", out), nprocs=world, join=True)
+    out = _spawn(_worker, tmp_path)
     r0, r1 = out[0], out[1]
     m = r0["mask"]
     mean_lin = (r0["local_lin"] + r1["local_lin"]) / 2
@@ -55,14 +66,8 @@ def test_only_masked_entries_are_averaged_and_weights_stay_identical(tmp_path):
 
 
 def _compact_worker(rank: int, world: int, init: str, out: dict) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 6, bias=False))
-    emb, lin = model[0].weight, model[1].weight
-    kv_mask = torch.rand(lin.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+    model, emb, lin, kv_mask, opt, x = _toy_problem(rank, world, init)
     before = lin.detach().clone()
-    opt = MaskedAdam([{"params": [(lin, kv_mask)], "lr": 1e-2}, {"params": [(emb, row_mask(10, [3]))], "lr": 1e-2}])
-    x = torch.tensor([[3, 1 + rank]])  # every rank its own data
     model(x).pow(2).sum().backward()
     local = [g.clone() for g in (lin.grad, emb.grad)]
     average_gradients(opt)  # no DDP wrapper: one all-reduce of the compact gradients
@@ -73,9 +78,7 @@ def _compact_worker(rank: int, world: int, init: str, out: dict) -> None:
 
 
 def test_average_gradients_averages_the_compact_gradients_and_weights_stay_identical(tmp_path):
-    world = 2
-    out = mp.Manager().dict()
-    mp.spawn(_compact_worker, args=(world, f"file://{tmp_path / 'store'}", out), nprocs=world, join=True)
+    out = _spawn(_compact_worker, tmp_path)
     r0, r1 = out[0], out[1]
     m = r0["mask"]
     mean_lin = (r0["local"][0] + r1["local"][0]) / 2
