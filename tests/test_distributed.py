@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -110,3 +111,12 @@ def test_throttle_sigterm_broadcast_checks_every_n_batches(monkeypatch):
         loop._broadcast_sigterm_tensor()
         loop.batch_progress.increment_ready()
     assert seen == [0, 3, 6]
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, "10", True])
+def test_compact_strategy_rejects_a_bad_sigterm_interval(bad):
+    from cns_lightning.distributed import CompactGradStrategy
+
+    with pytest.raises(ValueError, match="trainer.strategy.sigterm_check_every_n_steps must be an integer >= 1"):
+        CompactGradStrategy(sigterm_check_every_n_steps=bad)
+    assert CompactGradStrategy(sigterm_check_every_n_steps=1).sigterm_check_every_n_steps == 1

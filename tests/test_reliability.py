@@ -187,10 +187,12 @@ def test_bad_modifier_tokens(tmp_path, tokens, expected):
         ("data.flip_p=2", "data.flip_p=2 (int): expected a finite number in [0, 1]"),
         ("data.cache_latents=maybe", "data.cache_latents='maybe' (str): expected true or false"),
         ("model.kv_lr_scale=abc", "model.kv_lr_scale='abc' (str): expected a finite number >= 0"),
+        ("trainer=ddp_compact +trainer.strategy.sigterm_check_every_n_steps=0",
+         "trainer.strategy.sigterm_check_every_n_steps=0 (int): expected a whole number >= 1"),
     ],
 )
 def test_config_values_of_the_wrong_type(tmp_path, concept_dirs, override, expected):
-    cfg = compose_cfg(tmp_path, [concepts_override(concept_dirs[:1]), *FAST_INPROC, override])
+    cfg = compose_cfg(tmp_path, [concepts_override(concept_dirs[:1]), *FAST_INPROC, *override.split()])
     with pytest.raises(ConfigValueError) as e:
         continual.run(cfg)
     assert expected in str(e.value), str(e.value)

@@ -76,8 +76,12 @@ class CompactGradStrategy(DDPStrategy):
     applies the same update and keeps identical weights."""
 
     def __init__(self, sigterm_check_every_n_steps: int = 50, **kwargs):
+        n = sigterm_check_every_n_steps
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not float(n).is_integer() or n < 1:
+            raise ValueError(f"trainer.strategy.sigterm_check_every_n_steps must be an integer >= 1 "
+                             f"(1: Lightning's check before every batch; default 50), got {n!r}")
         super().__init__(**kwargs)
-        self.sigterm_check_every_n_steps = int(sigterm_check_every_n_steps)
+        self.sigterm_check_every_n_steps = int(n)
 
     def configure_ddp(self) -> None:
         _sync_module_states(self.model)  # what DistributedDataParallel's constructor does

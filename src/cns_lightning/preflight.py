@@ -59,6 +59,7 @@ _KNOBS: dict[str, tuple[str, float | None, float | None]] = {
     "prior.compile": ("bool", None, None),
     "resume": ("bool", None, None),
     "min_free_bytes": ("int", 0, None),
+    "trainer.strategy.sigterm_check_every_n_steps": ("int", 1, None),  # trainer=ddp_compact
 }
 
 
@@ -71,7 +72,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 def _lookup(cfg: DictConfig, key: str):
     node = cfg
     for part in key.split("."):
-        if node is None or part not in node:
+        if node is None or isinstance(node, str) or part not in node:  # e.g. trainer.strategy: "ddp"
             return None
         node = node[part]
     return node
