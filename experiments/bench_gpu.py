@@ -219,6 +219,8 @@ def main() -> None:
     ap.add_argument("--no-speedups", action="store_true", help="--ddp: eager (no torch.compile / channels-last)")
     ap.add_argument("--profile", type=int, default=0, help="--ddp: profile this many steps after the warm-up")
     ap.add_argument("--trainer", default="ddp", help="--ddp with 2+ ranks: the trainer config (ddp, ddp_compact, ddp_masked)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="--ddp: a Hydra override for the composed config, e.g. trainer.strategy.sigterm_check_every_n_steps=1 (repeatable)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -433,8 +435,8 @@ def ddp_main(args, out: Path, cache: Path, results: dict) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local)
-    cfg = compose_cfg(["model=sd15_random", f"trainer={args.trainer}" if world > 1 else "trainer=gpu"])
-    results["trainer"] = args.trainer if world > 1 else "gpu"
+    cfg = compose_cfg(["model=sd15_random", f"trainer={args.trainer}" if world > 1 else "trainer=gpu", *args.set])
+    results["trainer"] = (args.trainer if world > 1 else "gpu") + "".join(f" {o}" for o in args.set)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl")  # Lightning reuses this group (and prior generation splits over it)
     L.seed_everything(0, verbose=False)
