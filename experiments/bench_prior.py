@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from cns_lightning.models import build_random_pipeline  # noqa: E402
+from fp8_linear import fp8_linears  # noqa: E402
 from cns_lightning.prior import model_fingerprint, prior_images, prompt_embeddings, sample_images, sampling_pipeline  # noqa: E402
 
 UNET_TFLOP = 0.8033  # one SD-1.5 UNet forward of one 64x64 latent (torch.utils.flop_counter, counted on the meta device)
@@ -63,6 +64,12 @@ def sample(pipe, sampler, n: int, steps: int, seed0: int = 0, autocast: bool = F
     return sample_images(sampler, cond, uncond, g, steps, 6.0, RES, pad=pad)
 
 
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio of uint8 images ``b`` against ``a`` (inf when identical)."""
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * __import__("math").log10(255**2 / mse)
+
+
 def timed(fn) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -72,7 +79,7 @@ def timed(fn) -> float:
 
 
 def run_variant(name: str, pipe, args) -> dict:
-    """``name``: "autocast", or "bf16" / "fp16" followed by any of _cl (channels-last), _bench (cudnn.benchmark),
+    """``name``: "autocast", or "bf16" / "fp16" / "fp8" (a bf16 copy whose transformer linears run in fp8: experiments/fp8_linear.py) followed by any of _cl (channels-last), _bench (cudnn.benchmark),
     _b100 (batch 100), _b25, _qkv (fused QKV projections), _cudnn / _flash / _efficient (the SDPA backend),
     _compile (torch.compile of the UNet), _freeze (with Inductor's freezing), _tuned (Inductor: 1x1 convs as matmuls,
     coordinate-descent tuning), _vae (torch.compile of the VAE decoder too: what prior.compile=true does), _old (the pipeline's
@@ -91,7 +98,10 @@ def run_variant(name: str, pipe, args) -> dict:
         ic.conv_1x1_as_mm = True
         ic.coordinate_descent_tuning = True
         ic.epilogue_fusion = False
-    sampler = None if autocast else sampling_pipeline(pipe, name.split("_")[0], channels_last="cl" in feats, compile=False)
+    precision = name.split("_")[0]
+    sampler = None if autocast else sampling_pipeline(pipe, "bf16" if precision == "fp8" else precision, channels_last="cl" in feats, compile=False)
+    if precision == "fp8":  # bf16 copy, then its transformer linears in fp8 (experiments/fp8_linear.py)
+        fp8_linears(sampler.unet)
     if "old" in feats:
         sampler.vae.enable_slicing()
     if "vae" in feats:
@@ -120,9 +130,11 @@ def run_variant(name: str, pipe, args) -> dict:
         first = timed(lambda: sample(pipe, sampler, batch, args.steps if "compile" in feats else 2, **kw))
         if "compile" in feats:
             row["first_batch_s"] = round(first, 1)  # compile + one batch at full steps
-        total = 0.0
+        total, kept = 0.0, []
         for start in range(0, images, batch):
-            total += timed(lambda: sample(pipe, sampler, min(batch, images - start), args.steps, seed0=start, **kw))
+            total += timed(lambda: kept.append(sample(pipe, sampler, min(batch, images - start), args.steps, seed0=start, **kw)))
+    first = kept[0]
+    row["pixels"] = torch.stack([torch.as_tensor(__import__("numpy").asarray(im)) for im in first]) if isinstance(first, list) else first
     row.update(s=round(total, 2), img_per_s=round(images / total, 3), s_per_200=round(200 * total / images, 1),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
     sched = (sampler or pipe).scheduler
@@ -160,12 +172,14 @@ def kernel_kind(name: str) -> str:
     return "elementwise/other"
 
 
-def profile_unet(pipe, batch: int, compiled: bool = False) -> list[tuple[str, float]]:
+def profile_unet(pipe, batch: int, compiled: bool = False, precision: str = "bf16") -> list[tuple[str, float]]:
     """GPU time of one bf16 UNet forward at ``batch`` (CFG doubles the images), by kernel kind;
     ``compiled``: after ``torch.compile`` (as the _compile variants: fullgraph, static shapes)."""
     from torch.profiler import ProfilerActivity, profile
 
-    unet = sampling_pipeline(pipe, "bf16", channels_last=False).unet
+    unet = sampling_pipeline(pipe, "bf16" if precision == "fp8" else precision, channels_last=False).unet
+    if precision == "fp8":
+        fp8_linears(unet)
     if compiled:
         unet.compile(fullgraph=True, dynamic=False)
     size, dim = unet.config.sample_size, unet.config.cross_attention_dim
@@ -205,6 +219,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench_prior_out")
     ap.add_argument("--profile", type=int, default=0, help="profile one bf16 UNet forward at this batch (0: skip)")
     ap.add_argument("--profile-compiled", action="store_true", help="--profile: also the torch.compile'd UNet")
+    ap.add_argument("--profile-precision", default="bf16", help="--profile: the sampler's precision (bf16, fp16, fp8)")
     ap.add_argument("--smoke", action="store_true", help="run on the CPU with the tiny pipeline (checks the script only)")
     ap.add_argument("--cache", default="/tmp/cns_bench_prior")
     args = ap.parse_args()
@@ -241,34 +256,40 @@ def main() -> None:
         save()
     for compiled in ([False, True] if args.profile_compiled else [False]) if args.profile else []:
         what = "compiled" if compiled else "eager"
-        kinds, top = profile_unet(pipe, args.profile, compiled)
+        kinds, top = profile_unet(pipe, args.profile, compiled, args.profile_precision)
         res[f"profile_{what}"] = dict(batch=args.profile, ms_by_kind=kinds, top_kernels=top)
         total = sum(v for _, v in kinds)
-        print(f"\nOne bf16 UNet forward, batch {args.profile}, {what} NCHW: {total:.1f} ms of GPU time "
+        print(f"\nOne {args.profile_precision} UNet forward, batch {args.profile}, {what} NCHW: {total:.1f} ms of GPU time "
               f"({args.profile * UNET_TFLOP / total * 1e3:.0f} TFLOP/s)")
         for k, v in kinds:
             print(f"  {k:26s} {v:8.1f} ms  {100 * v / total:5.1f} %")
         for k, v in top:
             print(f"    {v:8.1f} ms  {k}")
         save()
+    ref = None
     for name in filter(None, args.variants.split(",")):
         try:
             row = run_variant(name, pipe, args)
         except Exception as e:  # one failing setting must not lose the others' rows
             row = dict(setting=name, error=f"{type(e).__name__}: {e}"[:300])
+        pixels = row.pop("pixels", None)
+        if pixels is not None:  # the first batch's images (seeds 0..), against the first setting's: how far the samples moved
+            ref = pixels if ref is None else ref
+            n = min(len(ref), len(pixels))
+            row["psnr_vs_first_db"] = round(psnr(ref[:n], pixels[:n]), 2)
         res["rows"].append(row)
         log(str(row))
         save()
 
     print(f"\nPrior-image generation, sd15_random, 512 px, {args.steps} steps, CFG 6.0; device: {res['device']}, torch {res['torch']}")
-    print("| setting | batch | images | s | img/s | s per 200 | TFLOP/s (UNet+VAE) | peak GiB | first batch (compile) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| setting | batch | images | s | img/s | s per 200 | TFLOP/s (UNet+VAE) | peak GiB | first batch (compile) | PSNR vs first setting (dB) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in res["rows"]:
         if "error" in r:
             print(f"| {r['setting']} | failed: {r['error']} |")
             continue
         print(f"| {r['setting']} | {r['batch']} | {r['images']} | {r['s']} | {r['img_per_s']} | {r['s_per_200']} | {r['tflops']} | "
-              f"{r['peak_gib']} | {r.get('first_batch_s', '')} |")
+              f"{r['peak_gib']} | {r.get('first_batch_s', '')} | {r.get('psnr_vs_first_db', '')} |")
     if "final" in res:
         f = res["final"]
         print(f"\nEnd to end, prior.prior_images (bf16 copy, compile={f['compile']}), cold, PNGs written: "
