@@ -26,18 +26,20 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from cns_lightning.models import build_random_pipeline  # noqa: E402
-from fp8_linear import fp8_linears  # noqa: E402
 from cns_lightning.prior import model_fingerprint, prior_images, prompt_embeddings, sample_images, sampling_pipeline  # noqa: E402
+from fp8_linear import fp8_linears  # noqa: E402  (experiments/, beside this script)
 
 UNET_TFLOP = 0.8033  # one SD-1.5 UNet forward of one 64x64 latent (torch.utils.flop_counter, counted on the meta device)
 VAE_TFLOP = 2.5145   # one VAE decode to 512 px (same)
@@ -67,7 +69,7 @@ def sample(pipe, sampler, n: int, steps: int, seed0: int = 0, autocast: bool = F
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Peak signal-to-noise ratio of uint8 images ``b`` against ``a`` (inf when identical)."""
     mse = (a.float() - b.float()).pow(2).mean().item()
-    return float("inf") if mse == 0 else 10 * __import__("math").log10(255**2 / mse)
+    return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def timed(fn) -> float:
@@ -134,7 +136,7 @@ def run_variant(name: str, pipe, args) -> dict:
         for start in range(0, images, batch):
             total += timed(lambda: kept.append(sample(pipe, sampler, min(batch, images - start), args.steps, seed0=start, **kw)))
     first = kept[0]
-    row["pixels"] = torch.stack([torch.as_tensor(__import__("numpy").asarray(im)) for im in first]) if isinstance(first, list) else first
+    row["pixels"] = torch.stack([torch.as_tensor(np.asarray(im)) for im in first]) if isinstance(first, list) else first
     row.update(s=round(total, 2), img_per_s=round(images / total, 3), s_per_200=round(200 * total / images, 1),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
     sched = (sampler or pipe).scheduler
@@ -173,7 +175,7 @@ def kernel_kind(name: str) -> str:
 
 
 def profile_unet(pipe, batch: int, compiled: bool = False, precision: str = "bf16") -> list[tuple[str, float]]:
-    """GPU time of one bf16 UNet forward at ``batch`` (CFG doubles the images), by kernel kind;
+    """GPU time of one UNet forward (``precision``: bf16, fp16, or fp8 = bf16 with fp8 linears) at ``batch`` (CFG doubles the images), by kernel kind;
     ``compiled``: after ``torch.compile`` (as the _compile variants: fullgraph, static shapes)."""
     from torch.profiler import ProfilerActivity, profile
 
