@@ -220,7 +220,7 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, help="--ddp: profile this many steps after the warm-up")
     ap.add_argument("--trainer", default="ddp", help="--ddp with 2+ ranks: the trainer config (ddp, ddp_compact, ddp_masked)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="--ddp: a Hydra override for the composed config, e.g. trainer.strategy.sigterm_check_every_n_steps=1 (repeatable)")
+                    help="--ddp: a Hydra override for the composed config, e.g. trainer.strategy.sigterm_check_every_n_steps=1 with --trainer ddp_compact (repeatable)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

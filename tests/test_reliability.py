@@ -187,7 +187,7 @@ def test_bad_modifier_tokens(tmp_path, tokens, expected):
         ("data.flip_p=2", "data.flip_p=2 (int): expected a finite number in [0, 1]"),
         ("data.cache_latents=maybe", "data.cache_latents='maybe' (str): expected true or false"),
         ("model.kv_lr_scale=abc", "model.kv_lr_scale='abc' (str): expected a finite number >= 0"),
-        ("trainer=ddp_compact +trainer.strategy.sigterm_check_every_n_steps=0",
+        ("trainer=ddp_compact trainer.strategy.sigterm_check_every_n_steps=0",
          "trainer.strategy.sigterm_check_every_n_steps=0 (int): expected a whole number >= 1"),
     ],
 )
