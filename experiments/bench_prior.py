@@ -72,6 +72,15 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
+def bench_sampler(pipe, precision: str, channels_last: bool = False):
+    """``prior.sampling_pipeline`` in ``precision`` (not compiled); "fp8": its bf16 copy with the
+    transformer linears in fp8 (experiments/fp8_linear.py)."""
+    sampler = sampling_pipeline(pipe, "bf16" if precision == "fp8" else precision, channels_last=channels_last, compile=False)
+    if precision == "fp8":
+        fp8_linears(sampler.unet)
+    return sampler
+
+
 def timed(fn) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -100,10 +109,7 @@ def run_variant(name: str, pipe, args) -> dict:
         ic.conv_1x1_as_mm = True
         ic.coordinate_descent_tuning = True
         ic.epilogue_fusion = False
-    precision = name.split("_")[0]
-    sampler = None if autocast else sampling_pipeline(pipe, "bf16" if precision == "fp8" else precision, channels_last="cl" in feats, compile=False)
-    if precision == "fp8":  # bf16 copy, then its transformer linears in fp8 (experiments/fp8_linear.py)
-        fp8_linears(sampler.unet)
+    sampler = None if autocast else bench_sampler(pipe, name.split("_")[0], channels_last="cl" in feats)
     if "old" in feats:
         sampler.vae.enable_slicing()
     if "vae" in feats:
@@ -132,7 +138,7 @@ def run_variant(name: str, pipe, args) -> dict:
         first = timed(lambda: sample(pipe, sampler, batch, args.steps if "compile" in feats else 2, **kw))
         if "compile" in feats:
             row["first_batch_s"] = round(first, 1)  # compile + one batch at full steps
-        total, kept = 0.0, []
+        total, kept = 0.0, []  # kept[0]: the first batch's images (seeds 0..), for the PSNR column
         for start in range(0, images, batch):
             total += timed(lambda: kept.append(sample(pipe, sampler, min(batch, images - start), args.steps, seed0=start, **kw)))
     first = kept[0]
@@ -179,9 +185,7 @@ def profile_unet(pipe, batch: int, compiled: bool = False, precision: str = "bf1
     ``compiled``: after ``torch.compile`` (as the _compile variants: fullgraph, static shapes)."""
     from torch.profiler import ProfilerActivity, profile
 
-    unet = sampling_pipeline(pipe, "bf16" if precision == "fp8" else precision, channels_last=False).unet
-    if precision == "fp8":
-        fp8_linears(unet)
+    unet = bench_sampler(pipe, precision).unet
     if compiled:
         unet.compile(fullgraph=True, dynamic=False)
     size, dim = unet.config.sample_size, unet.config.cross_attention_dim

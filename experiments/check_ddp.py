@@ -44,7 +44,7 @@ STRATEGIES = {"ddp": lambda: "ddp", "masked": MaskedDDPStrategy, "compact": Comp
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu", action="store_true")
-    ap.add_argument("--strategy", choices=["ddp", "masked", "compact"], default="ddp",
+    ap.add_argument("--strategy", choices=list(STRATEGIES), default="ddp",
                     help="ddp: Lightning DDP; masked: MaskedDDPStrategy; compact: CompactGradStrategy")
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "cns_check_ddp"))
     args = ap.parse_args()

@@ -29,6 +29,11 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
+def scaled_mm_fits(linear: nn.Linear) -> bool:
+    """Whether ``torch._scaled_mm`` takes this layer's sizes (in and out features divisible by 16)."""
+    return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
+
+
 class Fp8Linear(nn.Module):
     """A frozen ``nn.Linear`` computed in fp8: rowwise-scaled weights (per output channel) and
     activations (per token), ``torch._scaled_mm``, output in the input's dtype."""
@@ -36,7 +41,7 @@ class Fp8Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        if self.in_features % 16 or self.out_features % 16:
+        if not scaled_mm_fits(linear):
             raise ValueError(f"Fp8Linear needs in/out features divisible by 16 (torch._scaled_mm), got {self.in_features}x{self.out_features}")
         weight, scale = quantize_rows(linear.weight.detach())
         self.register_buffer("weight", weight)  # (out, in) row-major: .t() is the column-major operand _scaled_mm wants
@@ -61,9 +66,7 @@ def fp8_linears(unet: nn.Module) -> list[str]:
     and layers whose sizes ``torch._scaled_mm`` cannot take. Returns the replaced layers' names."""
     replaced = []
     for name, module in list(unet.named_modules()):
-        if not isinstance(module, nn.Linear) or "transformer_blocks." not in name or name.endswith(KEEP):
-            continue
-        if module.in_features % 16 or module.out_features % 16:
+        if not isinstance(module, nn.Linear) or "transformer_blocks." not in name or name.endswith(KEEP) or not scaled_mm_fits(module):
             continue
         parent_name, _, child = name.rpartition(".")
         setattr(unet.get_submodule(parent_name), child, Fp8Linear(module))
