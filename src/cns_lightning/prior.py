@@ -236,8 +236,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-
-
 def _dist() -> tuple[int, int]:
     import torch.distributed as dist
 
