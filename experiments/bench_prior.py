@@ -1,6 +1,6 @@
 """Prior-image generation at SD-1.5 scale: what each sampler setting gives (one GPU).
 
-    python experiments/bench_prior.py [--images 50] [--steps 50] [--batch 50] [--final 200] [--variants ...]
+    python experiments/bench_prior.py [--images 50] [--steps 50] [--batch 50] [--final 200] [--variants ...] [--parts] [--profile 100]
 
 Builds ``sd15_random`` (SD-1.5's architecture, random fp32 weights, as the training module holds
 them) on the GPU and generates class images at 512 px with classifier-free guidance (6.0) in each
@@ -8,6 +8,8 @@ sampler setting, ``--images`` per setting after an untimed 2-step warm-up batch 
 allocator), timed with ``torch.cuda.synchronize`` around the whole call (UNet, scheduler, VAE
 decode, conversion to PIL). Then ``--final`` images end to end through ``prior.prior_images``
 with the project's defaults (cold: no warm-up, PNGs written), the figure the target is about.
+``--parts`` times the compiled sampler part by part (UNet forward, VAE decode, whole sample; CUDA
+events), ``--profile`` one UNet forward by kernel kind.
 Prints a table naming the device and writes ``bench_prior.json`` under ``--out``.
 
 Settings:
@@ -38,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from cns_lightning.models import build_random_pipeline  # noqa: E402
-from cns_lightning.prior import model_fingerprint, prior_images, prompt_embeddings, sample_images, sampling_pipeline  # noqa: E402
+from cns_lightning.prior import DECODE_BATCH, decode_latents, model_fingerprint, prior_images, prompt_embeddings, sample_images, sampling_pipeline  # noqa: E402
 from fp8_linear import fp8_linears  # noqa: E402  (experiments/, beside this script)
 
 UNET_TFLOP = 0.8033  # one SD-1.5 UNet forward of one 64x64 latent (torch.utils.flop_counter, counted on the meta device)
@@ -91,7 +93,7 @@ def timed(fn) -> float:
 
 def run_variant(name: str, pipe, args) -> dict:
     """``name``: "autocast", or "bf16" / "fp16" / "fp8" (a bf16 copy whose transformer linears run in fp8: experiments/fp8_linear.py) followed by any of _cl (channels-last), _bench (cudnn.benchmark),
-    _b100 (batch 100), _b25, _qkv (fused QKV projections), _cudnn / _flash / _efficient (the SDPA backend),
+    _b100 (batch 100), _b25, _qkv (fused QKV projections), _cudnn / _flash / _efficient (the SDPA backend tried first; then efficient, then math, for shapes it refuses),
     _compile (torch.compile of the UNet), _freeze (with Inductor's freezing), _tuned (Inductor: 1x1 convs as matmuls,
     coordinate-descent tuning), _vae (torch.compile of the VAE decoder too: what prior.compile=true does), _old (the pipeline's
     own decode, image by image, and PIL postprocess: the sampler before prior.sample_images), _ro (compile mode reduce-overhead: CUDA graphs), _mat (compile mode
@@ -129,8 +131,9 @@ def run_variant(name: str, pipe, args) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
-    chosen = [b for k, b in backend.items() if k in feats]
-    ctx = (lambda: sdpa_kernel(chosen)) if chosen else (lambda: contextlib.nullcontext())
+    chosen = [b for k, b in backend.items() if k in feats]  # first choice; efficient then math where it refuses a shape
+    fallback = [b for b in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b not in chosen]  # (the VAE's head dim 512)
+    ctx = (lambda: sdpa_kernel(chosen + fallback, set_priority=True)) if chosen else (lambda: contextlib.nullcontext())
     row: dict = dict(setting=name, batch=batch, images=images)
     torch.cuda.reset_peak_memory_stats()
     kw = dict(autocast=autocast, pipeline_decode="old" in feats, pad="vae" in feats)
@@ -214,6 +217,67 @@ def profile_unet(pipe, batch: int, compiled: bool = False, precision: str = "bf1
     return sorted(kinds.items(), key=lambda r: -r[1]), top
 
 
+def event_ms(fn, repeats: int = 10) -> float:
+    """Median ms of ``fn`` over ``repeats`` calls after 2 untimed ones, CUDA events around each."""
+    for _ in range(2):
+        fn()
+    if DEV.type != "cuda":  # --smoke
+        return 1e3 * min(timed(fn) for _ in range(repeats))
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def time_parts(pipe, args) -> list[tuple[str, float]]:
+    """Where compiled sampling (``prior.compile=true``) spends its time, in s per 200 images: one UNet
+    forward at twice ``--batch`` (CFG) times the scheduler's evaluations, the VAE decoder at each of
+    ``--decode-batches`` latents (NCHW and channels-last), and one whole ``sample`` of ``--batch`` images."""
+    compile = DEV.type == "cuda"  # --smoke: eager
+    sampler = bench_sampler(pipe, "bf16")
+    if compile:  # --parts-cudagraphs: the UNet with CUDA graphs (compile mode reduce-overhead)
+        sampler.unet.compile(fullgraph=True, dynamic=False, mode="reduce-overhead" if args.parts_cudagraphs else None)
+        sampler.vae.decoder.compile(fullgraph=True, dynamic=False)
+    size, dim, b = sampler.unet.config.sample_size, sampler.unet.config.cross_attention_dim, args.batch
+    sampler.scheduler.set_timesteps(args.steps)
+    evals = len(sampler.scheduler.timesteps)
+    x = torch.randn(2 * b, 4, size, size, device=DEV, dtype=torch.bfloat16)
+    c = torch.randn(2 * b, 77, dim, device=DEV, dtype=torch.bfloat16)
+    t = torch.full((2 * b,), 500, device=DEV)
+    rows = []
+    with torch.no_grad():
+        def forward():
+            if args.parts_cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            return sampler.unet(x, t, c)
+
+        ms = event_ms(forward)
+        graphs = ", CUDA graphs" if args.parts_cudagraphs else ""
+        rows.append((f"UNet forward{graphs}, batch {2 * b} ({ms:.1f} ms) x {evals} evaluations", ms * evals * 200 / b / 1e3))
+        for cl in (False, True):
+            vae = bench_sampler(pipe, "bf16", channels_last=cl).vae if cl else sampler.vae
+            if cl and compile:
+                vae.decoder.compile(fullgraph=True, dynamic=False)
+            for n in (int(v) for v in args.decode_batches.split(",")):
+                z = torch.randn(n, 4, size, size, device=DEV, dtype=torch.bfloat16)
+                if cl:
+                    z = z.contiguous(memory_format=torch.channels_last)
+                ms = event_ms(lambda: decode_latents(vae, z, n), repeats=3)
+                rows.append((f"VAE decode + uint8 pixels, {n} latents at once{', channels-last' if cl else ''} ({ms:.1f} ms)", ms * 200 / n / 1e3))
+            vae = None
+            gc.collect()
+            torch.cuda.empty_cache()
+    total = timed(lambda: sample(pipe, sampler, b, args.steps, pad=True))  # warm: shapes compiled above
+    total = timed(lambda: sample(pipe, sampler, b, args.steps, pad=True))
+    rows.append((f"whole sample of {b} images (prior.sample_images, decode {DECODE_BATCH} at a time)", total * 200 / b))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=50)
@@ -226,6 +290,9 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, help="profile one bf16 UNet forward at this batch (0: skip)")
     ap.add_argument("--profile-compiled", action="store_true", help="--profile: also the torch.compile'd UNet")
     ap.add_argument("--profile-precision", default="bf16", help="--profile: the sampler's precision (bf16, fp16, fp8)")
+    ap.add_argument("--parts", action="store_true", help="time the compiled sampler's parts (UNet forward, VAE decode, whole sample)")
+    ap.add_argument("--parts-cudagraphs", action="store_true", help="--parts: the UNet compiled with CUDA graphs (mode reduce-overhead)")
+    ap.add_argument("--decode-batches", default="10,25,50", help="--parts: the VAE decoder's batch sizes to time")
     ap.add_argument("--smoke", action="store_true", help="run on the CPU with the tiny pipeline (checks the script only)")
     ap.add_argument("--cache", default="/tmp/cns_bench_prior")
     args = ap.parse_args()
@@ -259,6 +326,13 @@ def main() -> None:
         res["final"] = dict(images=args.final, s=round(t, 1), img_per_s=round(args.final / t, 3), batch=args.batch,
                             compile=args.final_compile, peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
         log(f"end to end: {res['final']}")
+        save()
+    if args.parts:
+        res["parts"] = time_parts(pipe, args)
+        print(f"\nCompiled sampler (prior.compile=true) by part, bf16, {args.steps} steps, CFG; device: {res['device']}")
+        print("| part | s per 200 images |\n| --- | --- |")
+        for what, sec in res["parts"]:
+            print(f"| {what} | {sec:.2f} |")
         save()
     for compiled in ([False, True] if args.profile_compiled else [False]) if args.profile else []:
         what = "compiled" if compiled else "eager"
