@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from cns_lightning.models import build_random_pipeline  # noqa: E402
 from cns_lightning.prior import DECODE_BATCH, decode_latents, model_fingerprint, prior_images, prompt_embeddings, sample_images, sampling_pipeline  # noqa: E402
-from fp8_linear import fp8_linears  # noqa: E402  (experiments/, beside this script)
+from bench_attention import time_call  # noqa: E402  (experiments/, beside this script)
+from fp8_linear import fp8_linears  # noqa: E402
 
 UNET_TFLOP = 0.8033  # one SD-1.5 UNet forward of one 64x64 latent (torch.utils.flop_counter, counted on the meta device)
 VAE_TFLOP = 2.5145   # one VAE decode to 512 px (same)
@@ -217,23 +218,6 @@ def profile_unet(pipe, batch: int, compiled: bool = False, precision: str = "bf1
     return sorted(kinds.items(), key=lambda r: -r[1]), top
 
 
-def event_ms(fn, repeats: int = 10) -> float:
-    """Median ms of ``fn`` over ``repeats`` calls after 2 untimed ones, CUDA events around each."""
-    for _ in range(2):
-        fn()
-    if DEV.type != "cuda":  # --smoke
-        return 1e3 * min(timed(fn) for _ in range(repeats))
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
-
-
 def time_parts(pipe, args) -> list[tuple[str, float]]:
     """Where compiled sampling (``prior.compile=true``) spends its time, in s per 200 images: one UNet
     forward at twice ``--batch`` (CFG) times the scheduler's evaluations, the VAE decoder at each of
@@ -256,7 +240,7 @@ def time_parts(pipe, args) -> list[tuple[str, float]]:
                 torch.compiler.cudagraph_mark_step_begin()
             return sampler.unet(x, t, c)
 
-        ms = event_ms(forward)
+        ms = time_call(forward, repeats=10)
         graphs = ", CUDA graphs" if args.parts_cudagraphs else ""
         rows.append((f"UNet forward{graphs}, batch {2 * b} ({ms:.1f} ms) x {evals} evaluations", ms * evals * 200 / b / 1e3))
         for cl in (False, True):
@@ -267,7 +251,7 @@ def time_parts(pipe, args) -> list[tuple[str, float]]:
                 z = torch.randn(n, 4, size, size, device=DEV, dtype=torch.bfloat16)
                 if cl:
                     z = z.contiguous(memory_format=torch.channels_last)
-                ms = event_ms(lambda: decode_latents(vae, z, n), repeats=3)
+                ms = time_call(lambda: decode_latents(vae, z, n), repeats=3)
                 rows.append((f"VAE decode + uint8 pixels, {n} latents at once{', channels-last' if cl else ''} ({ms:.1f} ms)", ms * 200 / n / 1e3))
             vae = None
             gc.collect()
