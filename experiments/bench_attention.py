@@ -64,7 +64,8 @@ def attention_shapes(pipe, device) -> dict[str, Counter]:
 
 
 def time_call(fn, repeats: int) -> float:
-    """Median ms of ``fn`` over ``repeats`` calls, each timed with CUDA events (CPU: perf_counter)."""
+    """ms of ``fn``: the middle of ``repeats`` calls sorted (the upper of the two middle ones for an
+    even count), after 3 untimed ones; each call timed with CUDA events (CPU: perf_counter)."""
     for _ in range(3):
         fn()
     times = []

@@ -184,6 +184,14 @@ def kernel_kind(name: str) -> str:
     return "elementwise/other"
 
 
+def unet_inputs(unet, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random bf16 latents, timestep 500 and 77-token text states: one UNet forward at ``batch``."""
+    size, dim = unet.config.sample_size, unet.config.cross_attention_dim
+    x = torch.randn(batch, 4, size, size, device=DEV, dtype=torch.bfloat16)
+    c = torch.randn(batch, 77, dim, device=DEV, dtype=torch.bfloat16)
+    return x, torch.full((batch,), 500, device=DEV), c
+
+
 def profile_unet(pipe, batch: int, compiled: bool = False, precision: str = "bf16") -> list[tuple[str, float]]:
     """GPU time of one UNet forward (``precision``: bf16, fp16, or fp8 = bf16 with fp8 linears) at ``batch`` (CFG doubles the images), by kernel kind;
     ``compiled``: after ``torch.compile`` (as the _compile variants: fullgraph, static shapes)."""
@@ -192,10 +200,7 @@ def profile_unet(pipe, batch: int, compiled: bool = False, precision: str = "bf1
     unet = bench_sampler(pipe, precision).unet
     if compiled:
         unet.compile(fullgraph=True, dynamic=False)
-    size, dim = unet.config.sample_size, unet.config.cross_attention_dim
-    x = torch.randn(batch, 4, size, size, device=DEV, dtype=torch.bfloat16)
-    c = torch.randn(batch, 77, dim, device=DEV, dtype=torch.bfloat16)
-    t = torch.full((batch,), 500, device=DEV)
+    x, t, c = unet_inputs(unet, batch)
     with torch.no_grad():
         for _ in range(2):
             unet(x, t, c)
@@ -222,17 +227,15 @@ def time_parts(pipe, args) -> list[tuple[str, float]]:
     """Where compiled sampling (``prior.compile=true``) spends its time, in s per 200 images: one UNet
     forward at twice ``--batch`` (CFG) times the scheduler's evaluations, the VAE decoder at each of
     ``--decode-batches`` latents (NCHW and channels-last), and one whole ``sample`` of ``--batch`` images."""
-    compile = DEV.type == "cuda"  # --smoke: eager
+    compiled = DEV.type == "cuda"  # --smoke: eager
     sampler = bench_sampler(pipe, "bf16")
-    if compile:  # --parts-cudagraphs: the UNet with CUDA graphs (compile mode reduce-overhead)
+    if compiled:  # --parts-cudagraphs: the UNet with CUDA graphs (compile mode reduce-overhead)
         sampler.unet.compile(fullgraph=True, dynamic=False, mode="reduce-overhead" if args.parts_cudagraphs else None)
         sampler.vae.decoder.compile(fullgraph=True, dynamic=False)
-    size, dim, b = sampler.unet.config.sample_size, sampler.unet.config.cross_attention_dim, args.batch
+    size, b = sampler.unet.config.sample_size, args.batch
     sampler.scheduler.set_timesteps(args.steps)
     evals = len(sampler.scheduler.timesteps)
-    x = torch.randn(2 * b, 4, size, size, device=DEV, dtype=torch.bfloat16)
-    c = torch.randn(2 * b, 77, dim, device=DEV, dtype=torch.bfloat16)
-    t = torch.full((2 * b,), 500, device=DEV)
+    x, t, c = unet_inputs(sampler.unet, 2 * b)
     rows = []
     with torch.no_grad():
         def forward():
@@ -245,7 +248,7 @@ def time_parts(pipe, args) -> list[tuple[str, float]]:
         rows.append((f"UNet forward{graphs}, batch {2 * b} ({ms:.1f} ms) x {evals} evaluations", ms * evals * 200 / b / 1e3))
         for cl in (False, True):
             vae = bench_sampler(pipe, "bf16", channels_last=cl).vae if cl else sampler.vae
-            if cl and compile:
+            if cl and compiled:
                 vae.decoder.compile(fullgraph=True, dynamic=False)
             for n in (int(v) for v in args.decode_batches.split(",")):
                 z = torch.randn(n, 4, size, size, device=DEV, dtype=torch.bfloat16)
@@ -256,7 +259,7 @@ def time_parts(pipe, args) -> list[tuple[str, float]]:
             vae = None
             gc.collect()
             torch.cuda.empty_cache()
-    total = timed(lambda: sample(pipe, sampler, b, args.steps, pad=True))  # warm: shapes compiled above
+    sample(pipe, sampler, b, args.steps, pad=True)  # untimed: the whole call once warm (its shapes are compiled above)
     total = timed(lambda: sample(pipe, sampler, b, args.steps, pad=True))
     rows.append((f"whole sample of {b} images (prior.sample_images, decode {DECODE_BATCH} at a time)", total * 200 / b))
     return rows
