@@ -91,6 +91,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny pipeline (checks the script only)")
     args = ap.parse_args()
+    if not args.smoke and not torch.cuda.is_available():
+        ap.error("no CUDA device: run it on a GPU machine, or pass --smoke to check the script on the CPU")
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     name = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0)

@@ -265,6 +265,13 @@ def time_parts(pipe, args) -> list[tuple[str, float]]:
     return rows
 
 
+def batch_sizes(text: str) -> str:
+    """--decode-batches: comma-separated whole numbers >= 1."""
+    if not all(v.strip().isdigit() and int(v) >= 1 for v in text.split(",")):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated whole numbers >= 1, e.g. 10,25,50")
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=50)
@@ -279,10 +286,12 @@ def main() -> None:
     ap.add_argument("--profile-precision", default="bf16", help="--profile: the sampler's precision (bf16, fp16, fp8)")
     ap.add_argument("--parts", action="store_true", help="time the compiled sampler's parts (UNet forward, VAE decode, whole sample)")
     ap.add_argument("--parts-cudagraphs", action="store_true", help="--parts: the UNet compiled with CUDA graphs (mode reduce-overhead)")
-    ap.add_argument("--decode-batches", default="10,25,50", help="--parts: the VAE decoder's batch sizes to time")
+    ap.add_argument("--decode-batches", type=batch_sizes, default="10,25,50", help="--parts: the VAE decoder's batch sizes to time")
     ap.add_argument("--smoke", action="store_true", help="run on the CPU with the tiny pipeline (checks the script only)")
     ap.add_argument("--cache", default="/tmp/cns_bench_prior")
     args = ap.parse_args()
+    if not args.smoke and not torch.cuda.is_available():
+        ap.error("no CUDA device: run it on a GPU machine, or pass --smoke to check the script on the CPU")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import diffusers
