@@ -7,11 +7,13 @@ paper follows; all reported x 100):
   generated image and every reference image of the concept (all pairs).
 * CLIP-T (:func:`clip_text_score`): CLIPScore (Hessel et al. 2021), ``2.5 * max(cos(image,
   text), 0)`` per image, averaged; the text is the prompt *without* the modifier token.
-* DINO (:func:`dino_image_similarity`): as CLIP-I with DINO CLS features.
+* DINO (:func:`dino_image_similarity`): as CLIP-I with DINO CLS features (in the micro world: the
+  micro identity model, ``microworld/identity.py``, loaded by the same :func:`load_dino`).
 
 Preprocessing matches the script: CLIP resizes the short side to 224 (bicubic), centre-crops 224
 and normalises with CLIP's mean/std (``CLIPImageProcessorPil``, which needs no torchvision); DINO
-resizes to 256, centre-crops 224 and normalises with ImageNet mean/std.
+resizes to 256, centre-crops 224 and normalises with ImageNet mean/std (a model smaller than 224 px
+with a ``preprocessor_config.json`` uses that file's size and mean/std: :func:`dino_preprocessing`).
 
 Why not torchmetrics' ``CLIPScore``: it can take a preloaded model (a callable returning
 ``(model, processor)``), but (1) with transformers >= 5 ``get_image_features`` returns a
@@ -23,6 +25,7 @@ needs. So the cosines are computed here directly, in a few lines, from the model
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,7 +230,11 @@ def make_clip(clip_path: str | None, clip_preset: str | None, device="cpu", seed
 # ----------------------------------------------------------------------------- DINO
 @dataclass
 class DinoScorer:
-    """A DINO ViT (transformers ``AutoModel``); CLS features of the last layer."""
+    """A DINO ViT (transformers ``AutoModel``); CLS features of the last layer.
+
+    Images are resized (short side) to ``resize``, centre-cropped to ``crop`` and normalised with
+    ``mean`` / ``std`` (Custom Diffusion's DINO recipe by default: 256, 224, ImageNet).
+    """
 
     model: torch.nn.Module
     name: str
@@ -235,6 +242,8 @@ class DinoScorer:
     resize: int = 256
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     batch_size: int = 64
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
 
     def to(self, device) -> "DinoScorer":
         self.device = torch.device(device)
@@ -245,14 +254,41 @@ class DinoScorer:
     def image_embeddings(self, images: Sequence[Image.Image]) -> torch.Tensor:
         out = []
         for i in range(0, len(images), self.batch_size):
-            px = preprocess(images[i : i + self.batch_size], self.resize, self.crop, IMAGENET_MEAN, IMAGENET_STD)
+            px = preprocess(images[i : i + self.batch_size], self.resize, self.crop, self.mean, self.std)
             px = px.to(self.device, next(self.model.parameters()).dtype)
             out.append(self.model(pixel_values=px).last_hidden_state[:, 0].float().cpu())
         return _normalise(torch.cat(out))
 
 
+def dino_preprocessing(folder: Path, model_size: int) -> dict:
+    """``resize`` / ``crop`` / ``mean`` / ``std`` for a DINO folder.
+
+    Custom Diffusion's recipe (short side 256, centre crop 224, ImageNet mean / std) is for 224 px
+    models and is kept for them, whatever their ``preprocessor_config.json`` says. A smaller model
+    whose folder has a ``preprocessor_config.json`` (the 64 px micro identity model,
+    ``microworld/identity.py``) sees the whole image: resized to the processor's size (no border
+    crop: a 64 -> 73 -> 64 crop would cut away a style's frame) with the processor's mean / std.
+    """
+    cfg_file = folder / "preprocessor_config.json"
+    default = dict(crop=model_size, resize=round(model_size * 256 / 224), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    if model_size >= 224 or not cfg_file.is_file():
+        return default
+    try:
+        cfg = json.loads(cfg_file.read_text())
+        size = cfg.get("size", model_size)
+        if isinstance(size, dict):
+            size = size.get("height", size.get("shortest_edge", model_size))
+        mean, std = tuple(float(v) for v in cfg.get("image_mean", IMAGENET_MEAN)), tuple(float(v) for v in cfg.get("image_std", IMAGENET_STD))
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError("image_mean / image_std need 3 values")
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{cfg_file}: unreadable preprocessing ({e}); fix or delete the file") from e
+    return dict(crop=int(size), resize=int(size), mean=mean, std=std)
+
+
 def load_dino(path: str | os.PathLike, device="cpu") -> DinoScorer:
-    """Load a DINO ViT from a hub id (e.g. facebook/dino-vits16) or a local folder."""
+    """Load a DINO ViT from a hub id (e.g. facebook/dino-vits16) or a local folder
+    (preprocessing: :func:`dino_preprocessing`)."""
     from transformers import AutoModel
 
     local = Path(os.path.expanduser(str(path)))
@@ -263,5 +299,5 @@ def load_dino(path: str | os.PathLike, device="cpu") -> DinoScorer:
             f"eval.dino_path={str(path)!r} could not be loaded ({e.__class__.__name__}). Download e.g. "
             "facebook/dino-vits16 elsewhere and pass eval.dino_path=/abs/path, or eval.dino_path=null to skip DINO."
         ) from e
-    crop = int(getattr(model.config, "image_size", 224))
-    return DinoScorer(model=model, name=str(path), crop=crop, resize=round(crop * 256 / 224)).to(device)
+    prep = dino_preprocessing(local, int(getattr(model.config, "image_size", 224)))
+    return DinoScorer(model=model, name=str(path), **prep).to(device)
