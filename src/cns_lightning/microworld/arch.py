@@ -3,11 +3,16 @@
 * micro CLIP: ViT vision tower (64 px, 8 px patches) + a 64-wide CLIP text tower over the real
   49,408-token CLIP vocabulary (77 positions). Its text tower is the micro pipeline's text encoder.
 * micro VAE: ``AutoencoderKL`` 64 px -> 16 x 16 x 4 latents (factor 4, two downsamplings).
-* micro UNet: ``UNet2DConditionModel`` on 16 x 16 x 4 latents (32/64/128 channels), attention on
-  the 8 x 8 and 4 x 4 levels (the 16 x 16 level is convolutions only, for CPU speed) (``attn2.to_k`` / ``attn2.to_v`` from the 64-wide text states).
+* micro UNet: ``UNet2DConditionModel`` on 16 x 16 x 4 latents (32/64/128 channels), cross-attention
+  on every level (16 x 16, 8 x 8, 4 x 4 and the middle block; ``attn2.to_k`` / ``attn2.to_v`` from
+  the text states). A concept glyph spans 4 to 8 latent pixels, so its colours and accessories are
+  painted at the 16 x 16 level: a UNet whose K/V stop at 8 x 8 could not be personalized there
+  (docs/microworld.md, "What limits learning").
 """
 
 from __future__ import annotations
+
+import re
 
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
@@ -54,12 +59,17 @@ UNET = dict(
     out_channels=4,
     block_out_channels=(32, 64, 128),
     layers_per_block=1,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    down_block_types=("CrossAttnDownBlock2D",) * 3,
+    up_block_types=("CrossAttnUpBlock2D",) * 3,
     cross_attention_dim=TEXT["hidden_size"],
     attention_head_dim=8,
     norm_num_groups=16,
 )
+
+
+def text_width(width: int) -> dict:
+    """Text-tower overrides for another width (heads of 16 features, MLP 4x), for ``build_clip``."""
+    return dict(hidden_size=width, intermediate_size=4 * width, num_attention_heads=max(1, width // 16))
 
 
 def build_clip(**text_overrides) -> CLIPModel:
@@ -75,3 +85,24 @@ def build_vae(**kw) -> AutoencoderKL:
 
 def build_unet(**kw) -> UNet2DConditionModel:
     return UNet2DConditionModel(**{**UNET, **kw})
+
+
+def warm_start(unet: UNet2DConditionModel, state: dict) -> list[str]:
+    """Copy every weight of ``state`` (an earlier micro UNet) whose name and shape match into ``unet``.
+
+    Transformer blocks that ``state`` lacks (attention added at a new level) get a zero ``proj_out``,
+    so each is an identity on its residual path: the warm-started UNet computes exactly the earlier
+    UNet's function until training moves the new blocks. Returns the names of the new blocks.
+    """
+    import torch
+
+    own = unet.state_dict()
+    same = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    unet.load_state_dict(same, strict=False)
+    blocks = sorted({re.match(r"(.*?\.attentions\.\d+)\.", k).group(1) for k in own if ".attentions." in k and k not in state})
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name in blocks:
+                module.proj_out.weight.zero_()
+                module.proj_out.bias.zero_()
+    return blocks

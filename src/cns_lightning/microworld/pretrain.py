@@ -162,7 +162,21 @@ def encode_all(vae, imgs, batch=1024):
     return torch.cat(mus), torch.cat(stds)
 
 
-def train_unet(unet, text_encoder, mus, stds, ids, empty_ids, scale, steps, batch, lr, max_s, gen, log):
+def save_checkpoint(path: Path, **state) -> None:
+    """Write a training checkpoint atomically (a temporary file renamed into place)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train_unet(unet, text_encoder, mus, stds, ids, empty_ids, scale, steps, batch, lr, max_s, gen, log, ckpt: Path | None = None, ckpt_every: int = 1000):
+    """DDPM epsilon training with min-SNR-5 weighting and an EMA; returns (EMA UNet, steps done).
+
+    With ``ckpt``, the UNet, its EMA, the optimizer, the step and the generator state are saved
+    every ``ckpt_every`` steps and when the time cap stops the stage; a call that finds the file
+    continues from it (same schedule, same data order), so a stopped pretraining loses at most
+    ``ckpt_every`` steps.
+    """
     from diffusers import DDPMScheduler
 
     dev = mus.device
@@ -172,10 +186,26 @@ def train_unet(unet, text_encoder, mus, stds, ids, empty_ids, scale, steps, batc
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    start = 0
+    if ckpt is not None and ckpt.is_file():
+        st = torch.load(ckpt, map_location=dev, weights_only=False)
+        if st["steps"] != steps or st["batch"] != batch:
+            raise SystemExit(f"{ckpt} was made with --unet-steps {st['steps']} --unet-batch {st['batch']}; pass the same values or delete it")
+        unet.load_state_dict(st["unet"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        gen.set_state(st["gen"].cpu())
+        start = st["step"]
+        log(f"unet resumed from {ckpt} at step {start}")
+
+    def checkpoint(step: int) -> None:
+        if ckpt is not None:
+            save_checkpoint(ckpt, unet=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), step=step, steps=steps, batch=batch)
+
     unet.train()
     text_encoder.eval().requires_grad_(False)
     t0 = time.time()
-    for step in range(steps):
+    for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, warm=500)
         idx = torch.randint(0, len(mus), (batch,), device=dev, generator=gen)
@@ -202,9 +232,13 @@ def train_unet(unet, text_encoder, mus, stds, ids, empty_ids, scale, steps, batc
             torch._foreach_lerp_(ema_params, unet_params, 1 - d)
         if step % 500 == 0 or step == steps - 1:
             log(f"unet step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s")
+        if (step + 1) % ckpt_every == 0:
+            checkpoint(step + 1)
         if time.time() - t0 > max_s:
             log(f"unet stopped by time cap at step {step + 1}")
+            checkpoint(step + 1)
             return ema, step + 1
+    checkpoint(steps)
     return ema, steps
 
 
@@ -237,7 +271,7 @@ def processor():
 
 def save_clip(clip, folder: Path) -> None:
     c = copy.deepcopy(clip).cpu().half()
-    c.save_pretrained(folder)
+    c.save_pretrained(folder, max_shard_size="15MB")  # the package ships no file over 16 MB
     processor().save_pretrained(folder)
     _patch_dtype(folder / "config.json")
 
@@ -264,7 +298,7 @@ def save_pipeline(pipe, folder: Path) -> None:
     p = copy.deepcopy(pipe).to("cpu")
     for m in (p.unet, p.vae, p.text_encoder):
         m.to(torch.float16)
-    p.save_pretrained(folder, safe_serialization=True)
+    p.save_pretrained(folder, safe_serialization=True, max_shard_size="15MB")
     _patch_dtype(folder / "text_encoder" / "config.json")
 
 
@@ -328,6 +362,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stages", default="clip,vae,unet,eval")
     ap.add_argument("--init", type=Path, default=None, help="folder with clip/ and pipeline/ to start from")
+    ap.add_argument("--init-parts", default="clip,vae,unet", help="which parts --init gives (the rest are built new)")
+    ap.add_argument("--text-width", type=int, default=arch.TEXT["hidden_size"], help="text tower width of a new CLIP (and the UNet's cross-attention width)")
+    ap.add_argument("--ckpt-every", type=int, default=1000, help="UNet checkpoint every N steps (OUT/checkpoint_unet.pt; a rerun resumes)")
     ap.add_argument("--n-train", type=int, default=150_000)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--clip-steps", type=int, default=6000)
@@ -375,23 +412,43 @@ def main(argv=None) -> None:
         imgs, ids = torch.from_numpy(imgs_np).to(dev), torch.from_numpy(ids_np).to(dev)
     tok = clip_tokenizer()
 
-    if a.init is not None:
-        clip = CLIPModel.from_pretrained(a.init / "clip").to(dev)
-        vae = AutoencoderKL.from_pretrained(a.init / "pipeline" / "vae").to(dev)
-        unet = UNet2DConditionModel.from_pretrained(a.init / "pipeline" / "unet").to(dev)
-    else:
-        clip, vae, unet = arch.build_clip().to(dev), arch.build_vae().to(dev), arch.build_unet().to(dev)
+    parts = set(a.init_parts.split(",")) if a.init is not None else set()
+    clip = CLIPModel.from_pretrained(a.init / "clip") if "clip" in parts else arch.build_clip(**arch.text_width(a.text_width))
+    vae = AutoencoderKL.from_pretrained(a.init / "pipeline" / "vae") if "vae" in parts else arch.build_vae()
+    unet = arch.build_unet(cross_attention_dim=clip.config.text_config.hidden_size)
+    if "unet" in parts:  # an earlier UNet: same architecture, or one level of attention fewer (warm start)
+        new_blocks = arch.warm_start(unet, UNet2DConditionModel.from_pretrained(a.init / "pipeline" / "unet").state_dict())
+        if new_blocks:
+            log(f"unet warm start from {a.init}: new attention blocks {new_blocks} start as identities")
+    clip, vae, unet = clip.to(dev), vae.to(dev), unet.to(dev)
 
-    if "clip" in stages:
+    # A rerun with the same --out resumes: finished stages are loaded, the UNet from its checkpoint.
+    progress_file = a.out / "progress.json"
+    progress = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
+
+    def finished(stage: str, steps: int) -> None:
+        progress[stage] = steps
+        progress_file.write_text(json.dumps(progress) + "\n")
+
+    if "clip" in stages and "clip" in progress:
+        clip = CLIPModel.from_pretrained(a.out / "clip").to(dev)
+        log(f"clip: finished earlier ({progress['clip']} steps), loaded from {a.out / 'clip'}")
+    elif "clip" in stages:
         t = time.time()
         info["clip_steps"] = train_clip(clip, imgs, ids, a.clip_steps, a.clip_batch, a.clip_lr, a.clip_max_seconds, gen, log)
         info["clip_seconds"] = time.time() - t
         save_clip(clip, a.out / "clip")
+        finished("clip", info["clip_steps"])
     clip.eval().requires_grad_(False)
-    if "vae" in stages:
+    if "vae" in stages and "vae" in progress:
+        vae = AutoencoderKL.from_pretrained(a.out / "vae").to(dev)
+        log(f"vae: finished earlier ({progress['vae']} steps), loaded from {a.out / 'vae'}")
+    elif "vae" in stages:
         t = time.time()
         info["vae_steps"] = train_vae(vae, imgs, a.vae_steps, a.vae_batch, a.vae_lr, a.vae_max_seconds, gen, log)
         info["vae_seconds"] = time.time() - t
+        vae.save_pretrained(a.out / "vae")
+        finished("vae", info["vae_steps"])
     vae.eval().requires_grad_(False)
     if "unet" in stages:
         mus, stds = encode_all(vae, imgs)
@@ -402,7 +459,8 @@ def main(argv=None) -> None:
         empty = torch.tensor(tok("", padding="max_length", max_length=77).input_ids, device=dev)[None]
         t = time.time()
         unet, info["unet_steps"] = train_unet(
-            unet, clip.text_model, mus, stds, ids, empty, scale, a.unet_steps, a.unet_batch, a.unet_lr, a.unet_max_seconds, gen, log
+            unet, clip.text_model, mus, stds, ids, empty, scale, a.unet_steps, a.unet_batch, a.unet_lr, a.unet_max_seconds, gen, log,
+            ckpt=a.out / "checkpoint_unet.pt", ckpt_every=a.ckpt_every,
         )
         info["unet_seconds"] = time.time() - t
         del mus, stds

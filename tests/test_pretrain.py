@@ -1,0 +1,55 @@
+"""The micro models' pretraining: the warm start keeps the earlier UNet's function, and a stopped
+UNet stage resumes from its checkpoint instead of starting over."""
+
+import json
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from cns_lightning.microworld import arch
+from cns_lightning.microworld.pretrain import main
+
+
+def _small_unet(**kw) -> UNet2DConditionModel:
+    return arch.build_unet(block_out_channels=(16, 32, 32), attention_head_dim=4, norm_num_groups=8, **kw)
+
+
+def test_warm_start_from_a_unet_with_fewer_attention_levels_is_exact():
+    torch.manual_seed(0)
+    old = _small_unet(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")).eval()  # fmt: skip
+    new = _small_unet().eval()
+    blocks = arch.warm_start(new, old.state_dict())
+    assert blocks == ["down_blocks.0.attentions.0", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1"]
+    x, t, h = torch.randn(2, 4, 16, 16), torch.tensor([3, 700]), torch.randn(2, 77, 64)
+    with torch.no_grad():
+        assert torch.equal(old(x, t, h).sample, new(x, t, h).sample)
+    # the same architecture: every weight is copied, no block is new
+    again = _small_unet().eval()
+    assert arch.warm_start(again, new.state_dict()) == []
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), new.state_dict().values()))
+
+
+def _pretrain(out, steps, max_seconds="1000"):
+    main([
+        "--out", str(out), "--stages", "clip,vae,unet", "--n-train", "32", "--workers", "1", "--text-width", "32",
+        "--clip-steps", "2", "--clip-batch", "8", "--vae-steps", "2", "--vae-batch", "8",
+        "--unet-steps", str(steps), "--unet-batch", "4", "--unet-max-seconds", max_seconds, "--ckpt-every", "2",
+    ])  # fmt: skip
+
+
+def test_pretraining_resumes_from_its_checkpoint(tmp_path):
+    # the time cap (0 s) stops the UNet after its first step; the checkpoint holds step 1
+    _pretrain(tmp_path, steps=4, max_seconds="0")
+    ckpt = torch.load(tmp_path / "checkpoint_unet.pt", weights_only=False)
+    assert ckpt["step"] == 1
+    assert json.loads((tmp_path / "progress.json").read_text()) == {"clip": 2, "vae": 2}
+    # the rerun loads the finished CLIP and VAE and continues the UNet at step 1
+    _pretrain(tmp_path, steps=4)
+    log = (tmp_path / "log.txt").read_text()
+    assert "clip: finished earlier" in log and "vae: finished earlier" in log
+    assert "unet resumed from" in log and "at step 1" in log
+    assert torch.load(tmp_path / "checkpoint_unet.pt", weights_only=False)["step"] == 4
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "pipeline" / "unet")
+    assert unet.config.cross_attention_dim == 32
+    assert list(unet.config.down_block_types) == ["CrossAttnDownBlock2D"] * 3
