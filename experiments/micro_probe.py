@@ -58,10 +58,11 @@ RECIPES = {
         Recipe("token", set="token", lr_token=5e-3),
         Recipe("cns", set="cns"),
         Recipe("cns_x3", set="cns", lr=1e-2),
+        Recipe("cns_r30", set="cns", ratio=0.3),
         Recipe("kv", set="kv"),
         Recipe("kv_1000", set="kv", steps=1000),
-        Recipe("unet", set="unet", lr=1e-4),
-        Recipe("unet_1000", set="unet", lr=1e-4, steps=1000),
+        Recipe("unet", set="unet", lr=2e-5),  # 1e-4 wrecks the micro UNet within 5 steps
+        Recipe("unet_1000", set="unet", lr=2e-5, steps=1000),
     )
 }
 
@@ -250,6 +251,9 @@ def probe(concept: str, recipes: list[Recipe], args, device) -> dict:
     )
     rows = [("references", refs), ("base (class)", base_imgs[:: max(1, args.samples // 2)])]
     del base_pipe
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {"references": _stack(refs), "base": _stack(base_imgs)}
     for r in recipes:
         pipe = fresh_pipeline(args.model, device, c.class_name)
         secs = train(pipe, r, captions, refs, priors, prior_prompts, args.seed)
@@ -259,11 +263,31 @@ def probe(concept: str, recipes: list[Recipe], args, device) -> dict:
         result["recipes"][r.name] = dict(recipe=asdict(r), seconds=round(secs, 1), score=score, learned=verdict)
         rows.append((r.name, imgs[:: max(1, args.samples // 2)]))
         print(f"[probe] {concept} {r.name}: {json.dumps(score)} learned={verdict} ({secs:.1f} s)", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    grid(rows, out / f"{concept}.png")
-    (out / f"{concept}.json").write_text(json.dumps(result, indent=1))
+        arrays[r.name] = _stack(imgs)
+        grid(rows, out / f"{concept}.png")  # after every recipe: a time cap keeps what was done
+        (out / f"{concept}.json").write_text(json.dumps(result, indent=1))
+        np.savez_compressed(out / f"{concept}.npz", **arrays)  # every sample, to rescore with another embedding
     return result
+
+
+def _stack(images: list[Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(i.convert("RGB")) for i in images])
+
+
+def rescore(folder: Path, identity: str, device) -> None:
+    """Score a finished probe folder's saved samples again with another identity embedding."""
+    scorers = Scorers(identity, device)
+    for f in sorted(folder.glob("*.json")):
+        r = json.loads(f.read_text())
+        arrays = np.load(f.with_suffix(".npz"))
+        emb = lambda k: scorers.embed([Image.fromarray(a) for a in arrays[k]])
+        ref = emb("references")
+        r["reference"], r["base"] = self_similarity(ref), similarity(emb("base"), ref)
+        for name, x in r["recipes"].items():
+            x["score"] = similarity(emb(name), ref)
+            x["learned"] = {k: learned(x["score"][k], r["base"][k], r["reference"][k]) for k in x["score"]}
+        r["identity_model"] = identity
+        f.write_text(json.dumps(r, indent=1))
 
 
 def summarize(folder: Path) -> str:
@@ -303,7 +327,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--summarize", default=None, help="print the table of a finished --out folder")
+    ap.add_argument("--rescore", default=None, help="score a finished --out folder's samples again with --identity")
     args = ap.parse_args()
+    if args.rescore:
+        rescore(Path(args.rescore), args.identity, torch.device(args.device))
+        args.summarize = args.rescore
     if args.summarize:
         print(summarize(Path(args.summarize)))
         return

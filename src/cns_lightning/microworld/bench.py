@@ -33,12 +33,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--model", default=None, help="a micro pipeline folder (default: the shipped one)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from ..models import cross_attention_kv
     from .assets import micro_pipeline
 
-    pipe = micro_pipeline()
+    pipe = micro_pipeline(a.model)
     unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     for m in (unet, vae, te):
         m.requires_grad_(False)
