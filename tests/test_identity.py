@@ -73,7 +73,10 @@ def test_identities_of_one_class_differ_and_views_differ_in_layout():
     content = W.sample_scene(np.random.default_rng(4), "train", styled=0.0)
     st, sc = I.random_style(rng), I.random_scene(rng)
     plain = np.asarray(I.render(content), int)
-    assert np.abs(np.asarray(I.render(replace(content, style=st.key), (st,)), int) - plain).mean() > 1.0
+    styled = np.asarray(I.render(replace(content, style=st.key), (st,)), int)
+    assert np.abs(styled - plain).mean() > 1.0
+    sib = I.style_sibling(st, rng)  # one parameter or one operation differs: other pixels
+    assert sib != st and np.abs(np.asarray(I.render(replace(content, style=sib.key), (sib,)), int) - styled).mean() > 0.5
     assert np.abs(np.asarray(I.render(replace(content, background=sc.key), (sc,)), int) - plain).mean() > 1.0
 
 

@@ -29,9 +29,10 @@ self-supervised features separate instances; this module trains the micro world'
   folder (fp16 safetensors + ``preprocessor_config.json``), so ``evaluation.metrics.load_dino``
   scores with it exactly as with a real DINO.
 * **Training** (``train``): SupCon / InfoNCE (temperature 0.1) over batches of many identities x 2
-  views rendered in DataLoader workers, about 50% objects / 25% styles / 25% scenes. Identities
+  views rendered in DataLoader workers, about 50% objects / 30% styles / 20% scenes. Identities
   come in groups (4 objects of one noun: a plain world object, a glyph of the same colour changed
-  in a few things, its sibling, a random glyph; or 2 styles; or 2 scenes) whose members are shown
+  in a few things, its sibling, a random glyph; or a style, its sibling and a random style; or 2
+  scenes) whose members are shown
   in the same scenes, so the nearest negatives differ in identity only, as in the validation.
   Batch ``k`` is a pure function of ``(seed, k)``, so a resumed run sees the same data. AdamW,
   warm-up + cosine, bf16 autocast on CUDA. Only a 2 px shift jitter: colour is identity.
@@ -413,6 +414,25 @@ def random_style(rng: np.random.Generator) -> Identity:
     return Identity("style", "style", tuple(ops))
 
 
+def style_sibling(ident: Identity, rng: np.random.Generator) -> Identity:
+    """A style that differs from ``ident`` in one parameter of one operation (a new cell size,
+    paper colour, period, ink...) or by one post-operation more or less: fine-grained negatives,
+    since a style that keeps the content's colours (a dot screen, scanlines) differs from another
+    only in such parameters."""
+    ops = list(ident.params)
+    if rng.random() < 0.75:
+        i = int(rng.integers(len(ops)))
+        fresh = _op_params(ops[i][0], rng)
+        k = 1 + int(rng.integers(len(fresh) - 1))
+        ops[i] = ops[i][:k] + (fresh[k],) + ops[i][k + 1 :]
+    elif len(ops) >= 2 and ops[-1][0] in _POST:
+        ops.pop()
+    missing = [n for n in _POST if n not in {op[0] for op in ops}]
+    if tuple(ops) == ident.params and missing:
+        ops.append(_op_params(missing[rng.integers(len(missing))], rng))
+    return replace(ident, params=tuple(ops))
+
+
 def _style_fn(ops: tuple):
     def style(img: Image.Image, rng) -> Image.Image:
         a = np.asarray(img, np.float32)
@@ -625,14 +645,21 @@ def _object_group(rng) -> list[Identity]:
     return [random_plain(rng, noun, colour), world, sibling(world, rng), random_glyph(rng, noun, world_look=False)]
 
 
+def _style_group(rng) -> list[Identity]:
+    """A style, its sibling and another random style."""
+    st = random_style(rng)
+    return [st, style_sibling(st, rng), random_style(rng)]
+
+
 def sample_groups(rng: np.random.Generator, n: int) -> list[list[Identity]]:
-    """Groups of identities, ``n`` in all: about 50% objects (same-noun groups of 4), 25% styles
-    and 25% scenes (groups of 2). ``render_batch`` shows a group's members in the same scenes."""
+    """Groups of identities, ``n`` in all: about 50% objects (same-noun groups of 4), 30% styles
+    (groups of 3) and 20% scenes (pairs). ``render_batch`` shows a group's members in the same
+    scenes."""
     groups: list[list[Identity]] = []
     left = n
     while left > 0:
         u = rng.random()
-        g = _object_group(rng) if u < 0.5 else [random_style(rng) for _ in range(2)] if u < 0.75 else [random_scene(rng) for _ in range(2)]
+        g = _object_group(rng) if u < 0.4 else _style_group(rng) if u < 0.7 else [random_scene(rng) for _ in range(2)]
         groups.append(g[:left])
         left -= len(groups[-1])
     return groups
