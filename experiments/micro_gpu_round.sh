@@ -22,7 +22,7 @@ probes() {  # MODEL IDENTITY OUTDIR: one process per concept, side by side
   local model=$1 ident=$2 dir=$3 pids=()
   [ -f "$ident/config.json" ] || { echo "no identity model at $ident: probes score CLIP-I only"; ident=""; }
   for c in ${PROBE_CONCEPTS//,/ }; do
-    timeout $(left 565) python experiments/micro_probe.py --concepts "$c" --recipes "$PROBE_RECIPES" ${model:+--model "$model"} \
+    timeout $(left ${DEADLINE:-565}) python experiments/micro_probe.py --concepts "$c" --recipes "$PROBE_RECIPES" ${model:+--model "$model"} \
       ${ident:+--identity "$ident"} --out "$dir" ${PROBE_EXTRA:-} > "$dir.$c.log" 2>&1 &
     pids+=($!)
   done
