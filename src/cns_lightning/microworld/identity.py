@@ -29,14 +29,13 @@ self-supervised features separate instances; this module trains the micro world'
   folder (fp16 safetensors + ``preprocessor_config.json``), so ``evaluation.metrics.load_dino``
   scores with it exactly as with a real DINO.
 * **Training** (``train``): SupCon / InfoNCE (temperature 0.1) over batches of many identities x 2
-  views rendered in DataLoader workers, about 50% objects / 30% styles / 20% scenes. Identities
-  come in groups (4 objects of one noun: a plain world object, a glyph of the same colour changed
-  in a few things, its sibling, a random glyph; or a style, its sibling and a random style; or 2
-  scenes) whose members are shown
-  in the same scenes, so the nearest negatives differ in identity only, as in the validation.
-  Batch ``k`` is a pure function of ``(seed, k)``, so a resumed run sees the same data. AdamW,
-  warm-up + cosine, bf16 autocast on CUDA. Only a 2 px shift jitter: colour is identity.
-  Rendering: about 700 images/s per CPU process (2-core shared dev machine, load about 6).
+  views rendered in DataLoader workers: about 60% objects, in same-noun groups of 4 (a plain world
+  object, a glyph of the same world colour changed in a few things, its sibling, a random glyph),
+  30% styles, in groups of 3 shown on the same content (a style, its sibling with one parameter
+  changed, a random style), 10% scenes. Batch ``k`` is a pure function of ``(seed, k)``, so a
+  resumed run sees the same data. AdamW, warm-up + cosine, bf16 autocast on CUDA. Only a 2 px
+  shift jitter: colour is identity. Rendering: about 700 images/s per CPU process (measured on the
+  2-core shared dev machine at load average 6).
 * **Validation** (``evaluate``): per personal concept, the AUC that the concept's new renders score
   above renders of its class in other colours / patterns / styles / backgrounds, where the score is
   the mean cosine to the concept's training images; the micro CLIP's AUC in a second column.
@@ -652,14 +651,13 @@ def _style_group(rng) -> list[Identity]:
 
 
 def sample_groups(rng: np.random.Generator, n: int) -> list[list[Identity]]:
-    """Groups of identities, ``n`` in all: about 50% objects (same-noun groups of 4), 30% styles
-    (groups of 3) and 20% scenes (pairs). ``render_batch`` shows a group's members in the same
-    scenes."""
+    """Groups of identities, ``n`` in all: object groups of 4 (45% of draws), style groups of 3
+    (30%), single scenes (25%), i.e. about 60% / 30% / 10% of the identities."""
     groups: list[list[Identity]] = []
     left = n
     while left > 0:
         u = rng.random()
-        g = _object_group(rng) if u < 0.4 else _style_group(rng) if u < 0.7 else [random_scene(rng) for _ in range(2)]
+        g = _object_group(rng) if u < 0.45 else _style_group(rng) if u < 0.75 else [random_scene(rng)]
         groups.append(g[:left])
         left -= len(groups[-1])
     return groups
@@ -680,21 +678,22 @@ def _shift(a: np.ndarray, rng, max_px: int = 2) -> np.ndarray:
 def render_batch(seed: int, index: int, batch: int, views: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Batch ``index`` of the stream ``seed``: uint8 images (batch, 64, 64, 3) and int64 labels.
 
-    View ``v`` of every member of a group is the same scene (background, position, size, seed;
-    content for styles, foreground for scenes), so the negatives nearest an image differ from it in
-    identity only, as the eval's negatives do; a positive is always another scene. A pure function
-    of (seed, index): resuming at step k replays batch k. Identical identities drawn twice (plain
+    View ``v`` of every member of a style group shows the same content, so a style's nearest
+    negatives differ from it in style only, as the eval's negatives do (its positives always show
+    other content). Objects and scenes get a scene of their own per view. A pure function of
+    (seed, index): resuming at step k replays batch k. Identical identities drawn twice (plain
     world objects can repeat) share a label, as SupCon allows.
     """
     rng = np.random.default_rng([seed, index])
     label_of: dict[Identity, int] = {}
     imgs, labels = [], []
     for group in sample_groups(rng, batch // views):
-        layouts = [int(rng.integers(2**63)) for _ in range(views)]
+        shared = [int(rng.integers(2**63)) for _ in range(views)]
         for ident in group:
             lab = label_of.setdefault(ident, len(label_of))
             for v in range(views):
-                imgs.append(_shift(np.asarray(render(*view_scene(ident, np.random.default_rng(layouts[v])))), rng))
+                layout = np.random.default_rng(shared[v] if ident.kind == "style" else int(rng.integers(2**63)))
+                imgs.append(_shift(np.asarray(render(*view_scene(ident, layout))), rng))
                 labels.append(lab)
     return np.stack(imgs), np.asarray(labels, np.int64)
 
