@@ -44,7 +44,7 @@ pack() {  # NAME PATH...: tar into $OUT, split into 15 MB parts when larger
 case "${1:-pretrain}" in
 pretrain)
   # 1. UNet with cross-attention on every level, warm-started from the shipped UNet (text width 64)
-  timeout $(left 560) python -m cns_lightning.microworld.pretrain --out "$W/p64" --seed 0 --workers 5 \
+  timeout $(left 560) python -m cns_lightning.microworld.pretrain --out "$W/p64" --seed 0 --workers 5 --unet-attention all \
     --init $SHIPPED --init-parts clip,vae,unet --stages unet,eval --unet-steps ${P64_STEPS:-4000} --unet-batch 512 \
     --unet-lr 3e-4 --unet-max-seconds ${P64_SECONDS:-380} --n-eval 300 --guidances 3 > "$W/p64.log" 2>&1 &
   P64=$!

@@ -3,11 +3,12 @@
 * micro CLIP: ViT vision tower (64 px, 8 px patches) + a 64-wide CLIP text tower over the real
   49,408-token CLIP vocabulary (77 positions). Its text tower is the micro pipeline's text encoder.
 * micro VAE: ``AutoencoderKL`` 64 px -> 16 x 16 x 4 latents (factor 4, two downsamplings).
-* micro UNet: ``UNet2DConditionModel`` on 16 x 16 x 4 latents (32/64/128 channels), cross-attention
-  on every level (16 x 16, 8 x 8, 4 x 4 and the middle block; ``attn2.to_k`` / ``attn2.to_v`` from
-  the text states). A concept glyph spans 4 to 8 latent pixels, so its colours and accessories are
-  painted at the 16 x 16 level: a UNet whose K/V stop at 8 x 8 could not be personalized there
-  (docs/microworld.md, "What limits learning").
+* micro UNet: ``UNet2DConditionModel`` on 16 x 16 x 4 latents (32/64/128 channels), attention on
+  the 8 x 8 and 4 x 4 levels and the middle block (the 16 x 16 level is convolutions only, for CPU
+  speed; ``attn2.to_k`` / ``attn2.to_v`` from the text states). ``UNET_ALL_LEVELS`` adds attention
+  at 16 x 16, as SD-1.5 has at its highest latent resolution: pretrained and probed on the GPU, it
+  did not learn the personal concepts better (docs/microworld.md, "What limits learning"), so the
+  shipped UNet keeps the CPU-fast layout.
 """
 
 from __future__ import annotations
@@ -59,12 +60,16 @@ UNET = dict(
     out_channels=4,
     block_out_channels=(32, 64, 128),
     layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D",) * 3,
-    up_block_types=("CrossAttnUpBlock2D",) * 3,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     cross_attention_dim=TEXT["hidden_size"],
     attention_head_dim=8,
     norm_num_groups=16,
 )
+
+
+UNET_ALL_LEVELS = {**UNET, "down_block_types": ("CrossAttnDownBlock2D",) * 3, "up_block_types": ("CrossAttnUpBlock2D",) * 3}
+UNET_LAYOUTS = {"low": UNET, "all": UNET_ALL_LEVELS}  # where cross-attention sits (pretrain --unet-attention)
 
 
 def text_width(width: int) -> dict:
@@ -83,8 +88,9 @@ def build_vae(**kw) -> AutoencoderKL:
     return AutoencoderKL(**{**VAE, **kw})
 
 
-def build_unet(**kw) -> UNet2DConditionModel:
-    return UNet2DConditionModel(**{**UNET, **kw})
+def build_unet(attention: str = "low", **kw) -> UNet2DConditionModel:
+    """The micro UNet; ``attention="all"`` puts cross-attention on the 16 x 16 level too."""
+    return UNet2DConditionModel(**{**UNET_LAYOUTS[attention], **kw})
 
 
 def warm_start(unet: UNet2DConditionModel, state: dict) -> list[str]:

@@ -364,6 +364,7 @@ def main(argv=None) -> None:
     ap.add_argument("--init", type=Path, default=None, help="folder with clip/ and pipeline/ to start from")
     ap.add_argument("--init-parts", default="clip,vae,unet", help="which parts --init gives (the rest are built new)")
     ap.add_argument("--text-width", type=int, default=arch.TEXT["hidden_size"], help="text tower width of a new CLIP (and the UNet's cross-attention width)")
+    ap.add_argument("--unet-attention", choices=sorted(arch.UNET_LAYOUTS), default="low", help="cross-attention levels of a new UNet (arch.UNET_LAYOUTS)")
     ap.add_argument("--ckpt-every", type=int, default=1000, help="UNet checkpoint every N steps (OUT/checkpoint_unet.pt; a rerun resumes)")
     ap.add_argument("--n-train", type=int, default=150_000)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
@@ -415,7 +416,7 @@ def main(argv=None) -> None:
     parts = set(a.init_parts.split(",")) if a.init is not None else set()
     clip = CLIPModel.from_pretrained(a.init / "clip") if "clip" in parts else arch.build_clip(**arch.text_width(a.text_width))
     vae = AutoencoderKL.from_pretrained(a.init / "pipeline" / "vae") if "vae" in parts else arch.build_vae()
-    unet = arch.build_unet(cross_attention_dim=clip.config.text_config.hidden_size)
+    unet = arch.build_unet(a.unet_attention, cross_attention_dim=clip.config.text_config.hidden_size)
     if "unet" in parts:  # an earlier UNet: same architecture, or one level of attention fewer (warm start)
         new_blocks = arch.warm_start(unet, UNet2DConditionModel.from_pretrained(a.init / "pipeline" / "unet").state_dict())
         if new_blocks:
