@@ -14,6 +14,7 @@ from cns_lightning.concepts import Concept
 from cns_lightning.evaluation import ContinualEvaluator
 from cns_lightning.evaluation.forgetting import backward_transfer, final_mean, forgetting, last_stage
 from cns_lightning.evaluation.prompts import EvalPrompt, multi_prompts, single_prompts
+from cns_lightning.evaluation.metrics import self_similarity
 from cns_lightning.evaluation.state import StateError
 from cns_lightning.images import load_image
 from cns_lightning.models import build_random_pipeline, cross_attention_kv
@@ -246,3 +247,25 @@ def test_dino_matrices_when_a_dino_model_is_given(run, tmp_path):
     assert set(ev.state.matrices) == {"clip_i", "clip_t", "clip_i_best", "clip_t_best", "dino", "dino_best"}
     assert m["eval/dino/teddy"] == ev.state.matrices["dino"][0, 0] and -100 <= m["eval/dino/teddy"] <= 100
     assert json.loads((tmp_path / "run" / "eval" / "state.json").read_text())["dino_model"] == str(tmp_path / "dino")
+    # the references' self-similarity (the "learned" rule's target) is recorded for both embeddings
+    ref = ev.state.base["reference"]
+    refs = ev.references(run["concepts"][0])
+    assert ref["dino"]["teddy"] == pytest.approx(self_similarity(refs["dino"])) and "teddy" in ref["clip_i"]
+    assert (tmp_path / "run" / "eval" / "samples" / "references" / "teddy.png").is_file()
+
+
+def test_base_model_identity_scores_and_learned_verdicts(run, tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8)
+    ViTModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "dino")
+    ev = ContinualEvaluator(**SETTINGS, dino_path=str(tmp_path / "dino"))
+    ev.setup(tmp_path / "run", run["concepts"][:1], "cpu")
+    ev.before_training(run["pipe"])
+    assert set(ev.state.base["dino"]) == {"teddy"} and set(ev.state.base["reference"]["dino"]) == {"teddy"}
+    ev.after_stage(run["pipe"], 1, run["concepts"][:1])
+    res = ev.finish(run["pipe"], run["concepts"][:1])
+    pc = res["per_concept"]["teddy"]
+    assert res["learned"]["metric"] == "dino" and res["learned"]["of"] == 1
+    assert pc["learned"] == (pc["dino_learned"] - pc["dino_base"] >= 0.5 * (pc["dino_reference"] - pc["dino_base"]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -123,3 +125,14 @@ def test_dino_similarity_with_a_tiny_random_vit(tmp_path):
     by_hand = 100 * np.mean([F.cosine_similarity(g[a], r[b], dim=0).item() for a in range(2) for b in range(3)])
     assert (dino.crop, dino.resize) == (32, 37)
     assert dino_image_similarity(dino.image_embeddings(gen), dino.image_embeddings(ref)) == pytest.approx(by_hand, abs=1e-4)
+
+
+def test_self_similarity_and_the_learned_rule():
+    from cns_lightning.evaluation.metrics import learned, self_similarity
+
+    e = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]), dim=-1)
+    # off-diagonal cosines: 0.7071 (twice), 0 and 0.7071 (twice) ... mean of the 6 ordered pairs
+    expected = 100 * (4 * 2**-0.5 + 2 * 0.0) / 6
+    assert self_similarity(e) == pytest.approx(expected)
+    assert math.isnan(self_similarity(e[:1]))
+    assert learned(35.0, 10.0, 60.0) and not learned(34.9, 10.0, 60.0)

@@ -68,14 +68,41 @@ def test_report_tables_figures_and_selection(tmp_path):
         assert f"eval/figures/{fig}.png" in md and f.read_bytes()[:8] == PNG
 
 
-def test_sample_grid_rows_are_concepts_and_columns_stages(tmp_path):
+def test_sample_grid_rows_are_concepts_and_columns_references_then_stages(tmp_path):
     st = make_state(tmp_path)
+    refs = tmp_path / "eval" / "samples" / "references"
+    refs.mkdir(parents=True)
+    Image.new("RGB", (32, 32), (0, 0, 250)).save(refs / "dog.png")
     grid = sample_grid(tmp_path, st)
-    assert grid.size == (110 + 3 * 32, 18 + 3 * 32)  # stages 0..2, rows dog/mug/zero-shot
+    assert grid.size == (110 + 4 * 32, 18 + 3 * 32)  # reference, stages 0..2; rows dog/mug/zero-shot
+    assert grid.getpixel((110 + 16, 18 + 16)) == (0, 0, 250)  # dog's reference image
+    assert grid.getpixel((110 + 16, 18 + 32 + 16)) == (255, 255, 255)  # mug has none
     # The mug cell at stage 1 is empty (mug not learned yet): white.
-    assert grid.getpixel((110 + 32 + 16, 18 + 32 + 16)) == (255, 255, 255)
-    assert grid.getpixel((110 + 2 * 32 + 16, 18 + 32 + 16)) == (40, 80, 40)
-    assert sample_grid(tmp_path, st, upto=0).size == (110 + 32, 18 + 3 * 32)
+    assert grid.getpixel((110 + 2 * 32 + 16, 18 + 32 + 16)) == (255, 255, 255)
+    assert grid.getpixel((110 + 3 * 32 + 16, 18 + 32 + 16)) == (40, 80, 40)
+    assert sample_grid(tmp_path, st, upto=0).size == (110 + 2 * 32, 18 + 3 * 32)
+
+
+def test_identity_metric_rows_and_the_learned_rule(tmp_path):
+    st = EvalState.new(["dog", "mug"], "micro-clip", {"n_samples": 2}, dino_model="/x/assets/micro/identity")
+    for k in ("clip_i", "clip_i_best", "clip_t", "clip_t_best"):
+        st.matrices[k][:] = [[30.0, math.nan], [29.0, 31.0]]
+    # identity: dog 10 -> 40 (half the gap to 60 is 35: learned), then 30 (no longer); mug 10 -> 20 (not learned)
+    st.matrices["dino"][:] = [[40.0, math.nan], [30.0, 20.0]]
+    st.matrices["dino_best"][:] = [[45.0, math.nan], [35.0, 25.0]]
+    st.base = {"clip_i": {"dog": 25.0, "mug": 25.0}, "clip_t": {"dog": 1.0, "mug": 1.0}, "dino": {"dog": 10.0, "mug": 10.0},
+               "reference": {"clip_i": {"dog": 50.0, "mug": 50.0}, "dino": {"dog": 60.0, "mug": 60.0}}}
+    st.zero_shot = {"mean": [1.0, 1.0, 1.0], "best": [1.0, 1.0, 1.0]}
+    st.stages_done = [1, 2]
+    res = results_from_state(st)
+    assert res["learned"] == {**res["learned"], "metric": "dino", "learned": 1, "kept": 0, "of": 2}
+    assert res["per_concept"]["dog"]["learned"] and not res["per_concept"]["dog"]["kept"]
+    assert res["gain_over_base"]["dino"] == pytest.approx(((30 - 10) + (20 - 10)) / 2)
+    md = write_report(tmp_path, st).read_text()
+    assert "ID model: `/x/assets/micro/identity`" in md and "### ID  R[t, i]" in md
+    assert "| ID single | 25.00 | 30.00 |" in md and "**Concepts learned: 1 of 2** by ID" in md
+    assert "| dog | 25.00 | 30.00 | 29.00 | -1.00 | 60.00 | 10.00 | 40.00 | 30.00 |" in md and "| yes | no |" in md
+    assert (tmp_path / "eval" / "figures" / "forgetting_dino.png").is_file()
 
 
 def test_partial_run_report_and_results(tmp_path):

@@ -76,6 +76,23 @@ def dino_image_similarity(generated: torch.Tensor, reference: torch.Tensor) -> f
     return clip_image_similarity(generated, reference)
 
 
+def self_similarity(reference: torch.Tensor) -> float:
+    """100 x mean cos between a concept's own reference images, self-pairs excluded: the score its
+    samples would reach if they were as alike to the references as the references are to each other."""
+    n = len(reference)
+    if n < 2:
+        return float("nan")
+    s = reference @ reference.T
+    return float(100.0 * (s.sum() - s.diagonal().sum()) / (n * (n - 1)))
+
+
+def learned(score: float, base: float, reference: float) -> bool:
+    """Issue 14's rule for "the concept was learned": its score closes at least half of the gap
+    between the base model's samples for the class prompt (``base``) and the references' own
+    similarity (``reference``, :func:`self_similarity`)."""
+    return bool(score - base >= 0.5 * (reference - base))
+
+
 def _normalise(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(p=2, dim=-1, keepdim=True).clamp_min(1e-12)
 

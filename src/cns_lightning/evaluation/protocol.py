@@ -31,7 +31,7 @@ from PIL import Image
 
 from ..concepts import Concept
 from .forgetting import backward_transfer, forgetting, last_stage, new_matrix
-from .metrics import ClipScorer, DinoScorer, clip_text_score, load_dino, make_clip, per_image_similarity
+from .metrics import ClipScorer, DinoScorer, clip_text_score, load_dino, make_clip, per_image_similarity, self_similarity
 from .prompts import DEFAULT_MULTI_PROMPTS, EvalPrompt, default_zero_shot_prompts, multi_prompts, single_prompts, zero_shot
 from .state import EvalState, StateError, atomic_write_json
 from .summary import results_from_state
@@ -240,7 +240,30 @@ class ContinualEvaluator:
             if self.dino is not None:
                 refs["dino"] = self.dino.image_embeddings(images)
             self._refs[concept.name] = refs
+            self._save_reference_thumbnail(concept.name, images[0])
         return self._refs[concept.name]
+
+    def _save_reference_thumbnail(self, name: str, image: Image.Image) -> None:
+        """The first reference image beside the samples (the report's sample grid shows it)."""
+        path = _eval_dir(self.run_dir) / "samples" / "references" / f"{name}.png"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            im = image.convert("RGB")
+            im.thumbnail((self.thumbnail, self.thumbnail))
+            im.save(path)
+
+    def record_references(self, concepts: Sequence[Concept]) -> None:
+        """Store each concept's reference self-similarity (CLIP-I and identity) in the state, once:
+        the "learned" rule (``metrics.learned``) measures samples against it."""
+        st = self._require()
+        ref = st.base.setdefault("reference", {})
+        for c in concepts:
+            if c.name in ref.get("clip_i", {}):
+                continue
+            r = self.references(c)
+            ref.setdefault("clip_i", {})[c.name] = self_similarity(r["clip"])
+            if "dino" in r:
+                ref.setdefault("dino", {})[c.name] = self_similarity(r["dino"])
 
     def score(self, prompts: Sequence[EvalPrompt], images: list[list[Image.Image]]) -> dict[str, Any]:
         """Scores of generated images: ``clip_t`` always, ``clip_i``/``dino`` when prompts name concepts.
@@ -333,7 +356,7 @@ class ContinualEvaluator:
             if st.stages_done:
                 warnings.warn(f"{self.state_path}: resumed after stage {max(st.stages_done)}; keeping the stored base-model scores")
             return self._base_metrics()
-        base: dict[str, Any] = {k: {} for k in ("clip_i", "clip_t", "clip_i_best", "clip_t_best")}
+        base: dict[str, Any] = {k: {} for k in ("clip_i", "clip_t", "clip_i_best", "clip_t_best") + (("dino", "dino_best") if self.dino else ())}
         samples: dict[str, list[str]] = {}
         details: dict[str, Any] = {}
         groups = [(single_prompts(c, self.max_prompts, with_token=False), c.name) for c in self.concepts]
@@ -349,6 +372,7 @@ class ContinualEvaluator:
         base["zero_shot_clip_t"] = zs["clip_t"]
         base["zero_shot_clip_t_best"] = zs["clip_t_best"]
         st.base = base
+        self.record_references(self.concepts)
         st.zero_shot["mean"][0] = zs["clip_t"]
         st.zero_shot["best"][0] = zs["clip_t_best"]
         st.samples["0"] = samples
@@ -358,7 +382,7 @@ class ContinualEvaluator:
 
     def _base_metrics(self) -> dict[str, float]:
         b = self.state.base
-        out = {f"eval/base/{k}/{n}": v for k in ("clip_i", "clip_t") for n, v in b.get(k, {}).items()}
+        out = {f"eval/base/{k}/{n}": v for k in ("clip_i", "clip_t", "dino") for n, v in b.get(k, {}).items()}
         if "zero_shot_clip_t" in b:
             out["eval/zero_shot_clip_t"] = b["zero_shot_clip_t"]
             out["eval/zero_shot_clip_t_best"] = b["zero_shot_clip_t_best"]
@@ -382,6 +406,7 @@ class ContinualEvaluator:
         groups = [(single_prompts(c, self.max_prompts), c.name) for c in learned]
         groups.append((zero_shot(self.zero_shot_prompts, self.max_prompts), "zero_shot"))
         res_all = self._evaluate_groups(pipe, groups, f"stage_{stage:02d}")
+        self.record_references(learned)  # states made before it was recorded, or grown sequences
         for i, c in enumerate(learned):
             res = res_all[c.name]
             for k, M in st.matrices.items():
@@ -416,10 +441,11 @@ class ContinualEvaluator:
             for i, n in enumerate(st.concepts[:stage]):
                 out[f"eval/{k}/{n}"] = float(M[row, i])
             out[f"eval/{k}"] = float(np.mean(M[row, :stage]))
-        for i, n in enumerate(st.concepts[:stage]):
-            base = st.base.get("clip_i", {}).get(n)
-            if base is not None:
-                out[f"eval/clip_i_gain/{n}"] = float(st.matrices["clip_i"][row, i] - base)
+        for key in ("clip_i", "dino"):
+            for i, n in enumerate(st.concepts[:stage]):
+                base = st.base.get(key, {}).get(n)
+                if base is not None and key in st.matrices:
+                    out[f"eval/{key}_gain/{n}"] = float(st.matrices[key][row, i] - base)
         out["eval/zero_shot_clip_t"] = st.zero_shot["mean"][stage]
         out["eval/zero_shot_clip_t_best"] = st.zero_shot["best"][stage]
         if stage >= 2 and last_stage(st.matrices["clip_i"]) == stage:
@@ -461,7 +487,7 @@ class ContinualEvaluator:
         """The forgetting matrices as (columns, rows) tables: one row per stage."""
         st = self._require()
         out = {}
-        for k in ("clip_i", "clip_t"):
+        for k in [k for k in ("clip_i", "clip_t", "dino") if k in st.matrices]:
             M = st.matrices[k]
             cols = ["stage"] + st.concepts
             rows = [[t + 1] + [None if math.isnan(v) else round(float(v), 4) for v in M[t]] for t in range(last_stage(M))]

@@ -61,12 +61,26 @@ def plot_matrix(R: np.ndarray, names: list[str], title: str, path: Path) -> Path
     return _save(fig, path)
 
 
+def metric_label(key: str, state: EvalState) -> str:
+    """Display name of a metric key; ``dino`` is "DINO" for a DINO model and "ID" for another
+    identity embedding (the micro world's identity model)."""
+    if key.startswith("dino"):
+        name = "DINO" if "dino" in str(state.dino_model or "").lower() else "ID"
+        return name + key[len("dino"):].replace("_", "-")
+    return key.replace("_", "-").upper()
+
+
+def _keys(state: EvalState) -> list[str]:
+    return [k for k in ("clip_i", "clip_t", "dino") if k in state.matrices]
+
+
 def plot_curves(state: EvalState, path: Path) -> Path:
-    """Per-concept CLIP-I and CLIP-T against stage (base model at stage 0), zero-shot CLIP-T too."""
-    fig = _figure(10, 3.8)
+    """Per-concept CLIP-I, CLIP-T (and identity) against stage (base model at stage 0), zero-shot CLIP-T too."""
+    keys = _keys(state)
+    fig = _figure(5 * len(keys), 3.8)
     T = state.n
-    for p, key in enumerate(("clip_i", "clip_t")):
-        ax = fig.add_subplot(1, 2, p + 1)
+    for p, key in enumerate(keys):
+        ax = fig.add_subplot(1, len(keys), p + 1)
         R = state.matrices[key]
         for i, n in enumerate(state.concepts):
             xs = list(range(i + 1, T + 1))
@@ -79,7 +93,7 @@ def plot_curves(state: EvalState, path: Path) -> Path:
             zs = state.zero_shot.get("mean", [])
             ax.plot(range(len(zs)), zs, "k--", label="zero-shot (no concept)")
         ax.set_xlabel("stage (0 = base model, x = class prompt)")
-        ax.set_ylabel(key.replace("_", "-").upper() + " (mean over samples)")
+        ax.set_ylabel(metric_label(key, state) + " (mean over samples)")
         ax.set_xticks(range(0, T + 1))
         ax.grid(alpha=0.3)
     fig.axes[1].legend(fontsize=6, loc="best")
@@ -99,7 +113,13 @@ def sample_grid(run_dir: Path, state: EvalState, upto: int | None = None) -> Ima
     rows = list(state.concepts) + ["zero_shot"]
     cells: dict[tuple[int, int], Image.Image] = {}
     size = 16
-    for c, s in enumerate(stages):
+    refs = run_dir / "eval" / "samples" / "references"
+    for r, name in enumerate(rows):  # column 0: the concept's first reference image
+        if (refs / f"{name}.png").exists():
+            with Image.open(refs / f"{name}.png") as im:
+                cells[r, 0] = im.convert("RGB")
+            size = max(size, *cells[r, 0].size)
+    for c, s in enumerate(stages, 1):
         for r, name in enumerate(rows):
             files = state.samples[str(s)].get(name)
             if files and (run_dir / files[0]).exists():
@@ -107,9 +127,10 @@ def sample_grid(run_dir: Path, state: EvalState, upto: int | None = None) -> Ima
                     cells[r, c] = im.convert("RGB")
                 size = max(size, *cells[r, c].size)
     left, top = 110, 18
-    grid = Image.new("RGB", (left + size * len(stages), top + size * len(rows)), "white")
+    grid = Image.new("RGB", (left + size * (len(stages) + 1), top + size * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
-    for c, s in enumerate(stages):
+    _label(draw, (left + 2, 2), "reference")
+    for c, s in enumerate(stages, 1):
         _label(draw, (left + c * size + 2, 2), "base" if s == 0 else f"t={s}")
     for r, name in enumerate(rows):
         _label(draw, (2, top + r * size + size // 2 - 5), name[:16])
@@ -196,11 +217,12 @@ def write_report(run_dir: Path, state: EvalState) -> Path:
     T = res["stages_evaluated"]
     n = state.settings.get("n_samples")
     s, mu = res["single"], res.get("multi", {})
+    idl = metric_label("dino", state)
     zs = res["zero_shot_clip_t"]
     lines = [
         f"# Evaluation report: {run_dir.name}",
         "",
-        f"CLIP model: `{state.clip_model}`" + (f"; DINO model: `{state.dino_model}`" if state.dino_model else "")
+        f"CLIP model: `{state.clip_model}`" + (f"; {metric_label('dino', state)} model: `{state.dino_model}`" if state.dino_model else "")
         + f". Stages evaluated: {T} of {state.n}. Settings: {n} samples per prompt, "
         f"{state.settings.get('num_inference_steps')} steps, guidance {state.settings.get('guidance_scale')}, "
         f"seed {state.settings.get('seed')}, at most {state.settings.get('max_prompts')} prompts per concept.",
@@ -230,33 +252,52 @@ def write_report(run_dir: Path, state: EvalState) -> Path:
                 ["CLIP-I forgetting (max earlier - final)", res["forgetting"]["clip_i"]["forgetting"],
                  res["forgetting"]["clip_i_best"]["forgetting"]],
                 ["CLIP-I backward transfer", res["forgetting"]["clip_i"]["bwt"], res["forgetting"]["clip_i_best"]["bwt"]],
+                *(
+                    [[f"{idl} single", s.get("dino"), s.get("dino_best")],
+                     [f"{idl} gain over base (class prompt)", res["gain_over_base"].get("dino"), None],
+                     [f"{idl} forgetting (max earlier - final)", res["forgetting"]["dino"]["forgetting"], res["forgetting"]["dino_best"]["forgetting"]]]
+                    if "dino" in s else []
+                ),  # fmt: skip
             ],
         ),
     ]
-    if "dino" in s:
-        lines += [f"DINO single: {_f(s['dino'])} (mean), {_f(s.get('dino_best'))} (best-of-{n}).", ""]
-    lines += ["## Forgetting matrices (mean over samples)", ""]
-    for key in ("clip_i", "clip_t"):
+    lv = res.get("learned", {})
+    if lv.get("of"):
+        lines += [
+            "",
+            f"**Concepts learned: {lv['learned']} of {lv['of']}** by {metric_label(lv['metric'], state)} (a concept is learned when its "
+            "score right after its own stage closes at least half of the gap between the base model's class-prompt samples and "
+            f"the references' similarity to each other); still learned after the last stage: {lv['kept']} of {lv['of']}.",
+        ]
+    lines += ["", "## Forgetting matrices (mean over samples)", ""]
+    for key in _keys(state):
         R = state.matrices[key]
-        lines += [f"### {key.replace('_', '-').upper()}  R[t, i]", "", matrix_table(R, state.concepts)]
+        lines += [f"### {metric_label(key, state)}  R[t, i]", "", matrix_table(R, state.concepts)]
         if T:
-            p = plot_matrix(R, state.concepts, f"{key.replace('_', '-').upper()} after stage t (rows) of concept i", figs / f"forgetting_{key}.png")
+            p = plot_matrix(R, state.concepts, f"{metric_label(key, state)} after stage t (rows) of concept i", figs / f"forgetting_{key}.png")
             lines += [f"![{key} forgetting matrix]({p.relative_to(run_dir)})", ""]
     if T:
         p = plot_curves(state, figs / "curves.png")
         lines += ["## Forgetting curves", "", f"![curves]({p.relative_to(run_dir)})", ""]
     lines += ["## Per concept", ""]
     rows = []
+    has_id = "dino" in state.matrices
+    yes = lambda v: "—" if v is None else ("yes" if v else "no")
     for name, pc in res["per_concept"].items():
-        rows.append([name, pc.get("clip_i_base"), pc["clip_i_learned"], pc["clip_i_final"], pc["clip_i_final"] - pc["clip_i_learned"],
-                     pc.get("clip_t_base"), pc["clip_t_learned"], pc["clip_t_final"]])
-    lines += [md_table(["concept", "CLIP-I base", "CLIP-I learned", "CLIP-I final", "change", "CLIP-T base", "CLIP-T learned", "CLIP-T final"], rows)]
+        row = [name, pc.get("clip_i_base"), pc["clip_i_learned"], pc["clip_i_final"], pc["clip_i_final"] - pc["clip_i_learned"]]
+        if has_id:
+            row += [pc.get("dino_reference"), pc.get("dino_base"), pc["dino_learned"], pc["dino_final"]]
+        rows.append(row + [pc.get("clip_t_base"), pc["clip_t_learned"], pc["clip_t_final"], yes(pc.get("learned")), yes(pc.get("kept"))])
+    cols = ["concept", "CLIP-I base", "CLIP-I learned", "CLIP-I final", "change"]
+    if has_id:
+        cols += [f"{idl} references", f"{idl} base", f"{idl} learned", f"{idl} final"]
+    lines += [md_table(cols + ["CLIP-T base", "CLIP-T learned", "CLIP-T final", "learned", "kept"], rows)]
     grid = sample_grid(run_dir, state)
     if grid is not None:
         p = figs / "samples.png"
         p.parent.mkdir(parents=True, exist_ok=True)
         grid.save(p)
-        lines += ["## Samples (rows: concepts, columns: stages; prompt 1, sample 1)", "", f"![samples]({p.relative_to(run_dir)})", ""]
+        lines += ["## Samples (rows: concepts; columns: a reference image, then stages; prompt 1, sample 1)", "", f"![samples]({p.relative_to(run_dir)})", ""]
     pairs = state.multi.get("pairs", []) if state.multi else []
     if pairs:
         lines += [f"## Multi-concept prompts (after stage {state.multi.get('after_stage')})", ""]

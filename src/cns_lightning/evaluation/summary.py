@@ -14,7 +14,14 @@ from typing import Any
 import numpy as np
 
 from .forgetting import last_stage, summarise
+from .metrics import learned
 from .state import EvalState
+
+
+def identity_metric(state: EvalState) -> str:
+    """The metric that judges whether a concept was learned: the identity embedding (``dino``:
+    a DINO model, or the micro world's identity model) when the run has one, else CLIP-I."""
+    return "dino" if "dino" in state.matrices else "clip_i"
 
 
 def _nanmean(xs) -> float:
@@ -52,14 +59,32 @@ def results_from_state(state: EvalState) -> dict[str, Any]:
     for i, name in enumerate(names[:T]):
         pc = {f"{key}_final": float(M[T - 1, i]) for key, M in R.items()}
         pc.update({f"{key}_learned": float(M[i, i]) for key, M in R.items()})
-        for key in ("clip_i", "clip_t"):
+        for key in ("clip_i", "clip_t", "dino"):
             base = state.base.get(key, {}).get(name)
             if base is not None:
                 pc[f"{key}_base"] = float(base)
+            ref = state.base.get("reference", {}).get(key, {}).get(name)
+            if ref is not None:
+                pc[f"{key}_reference"] = float(ref)
         out["per_concept"][name] = pc
-    for key in ("clip_i", "clip_t"):
+    for key in ("clip_i", "clip_t", "dino"):
         gains = [pc[f"{key}_final"] - pc[f"{key}_base"] for pc in out["per_concept"].values() if f"{key}_base" in pc]
-        out["gain_over_base"][key] = _nanmean(gains)
+        if key in R:
+            out["gain_over_base"][key] = _nanmean(gains)
+    key = identity_metric(state)
+    verdicts = {}
+    for name, pc in out["per_concept"].items():
+        if f"{key}_base" in pc and f"{key}_reference" in pc:
+            pc["learned"] = learned(pc[f"{key}_learned"], pc[f"{key}_base"], pc[f"{key}_reference"])
+            pc["kept"] = learned(pc[f"{key}_final"], pc[f"{key}_base"], pc[f"{key}_reference"])
+            verdicts[name] = pc
+    out["learned"] = {
+        "metric": key,
+        "rule": "score right after its stage - base class samples >= 0.5 x (references' self-similarity - base)",
+        "learned": sum(pc["learned"] for pc in verdicts.values()),
+        "kept": sum(pc["kept"] for pc in verdicts.values()),
+        "of": len(verdicts),
+    }
     for which in ("mean", "best"):
         zs = state.zero_shot.get(which, [])
         out["zero_shot_clip_t"][which] = {
