@@ -125,8 +125,8 @@ def test_prompt_sets():
 def test_shipped_assets_fit_the_budget():
     files = [p for p in ROOT.rglob("*") if p.is_file()]
     assert files
-    assert max(p.stat().st_size for p in files) <= 16 * 2**20
-    assert sum(p.stat().st_size for p in files) <= 40 * 2**20
+    assert max(p.stat().st_size for p in files) <= 16 * 10**6
+    assert sum(p.stat().st_size for p in files) <= 80 * 10**6  # issue 14: at most 16 MB a file, 80 MB in all
 
 
 def test_shipped_pipeline_loads_with_plain_diffusers_and_generates():
