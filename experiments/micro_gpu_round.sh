@@ -9,12 +9,12 @@
 # Results come back as tar files in $OUT (at most 16 MB each; larger ones split).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
-W=/tmp/work
+W=$(mktemp -d /tmp/work.XXXX)  # a warm machine keeps /tmp: never mix two calls' results
 mkdir -p "$W" "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=src:${PYTHONPATH:-}
 SHIPPED=src/cns_lightning/assets/micro
-PROBE_CONCEPTS=${PROBE_CONCEPTS:-dog_patch,cat_tabby,bird_parrot,cup_heart,car_racer,style_neon,style_halftone,scene_island,scene_twinsun}
-PROBE_RECIPES=${PROBE_RECIPES:-token,cns,cns_x3,kv,kv_1000,unet,unet_1000}
+PROBE_CONCEPTS=${PROBE_CONCEPTS-dog_patch,cat_tabby,bird_parrot,cup_heart,car_racer,style_neon,style_halftone,scene_island,scene_twinsun}
+PROBE_RECIPES=${PROBE_RECIPES-token,cns,cns_x3,kv,kv_1000,unet,unet_1000}
 start=$(date +%s)
 left() { echo $(( ${1} - ($(date +%s) - start) )); }
 
