@@ -86,3 +86,22 @@ def test_cli(sweep, tmp_path, capsys):
     (tmp_path / "bad" / "run" / "eval" / "state.json").write_text("{}")
     assert main([str(tmp_path / "bad")]) == 2
     assert "no 'method' field" in capsys.readouterr().err
+
+
+def test_identity_column_and_learned_count(sweep, tmp_path):
+    """Runs scored with an identity model (eval.dino_path) get an ID column and a learned count."""
+    sweep_dir, _ = sweep
+    run = tmp_path / "ids" / "cns" / "seed0"
+    shutil.copytree(sweep_dir / "cns" / "seed0", run)
+    st = json.loads((run / "eval" / "state.json").read_text())
+    st["dino_model"] = "/x/identity"
+    st["matrices"]["dino"] = [[40.0, None], [30.0, 20.0]]
+    st["matrices"]["dino_best"] = [[45.0, None], [35.0, 25.0]]
+    st["base"]["dino"] = {"teddy": 10.0, "mug": 10.0}
+    st["base"]["reference"] = {"dino": {"teddy": 60.0, "mug": 60.0}}
+    (run / "eval" / "state.json").write_text(json.dumps(st))
+    paths = aggregate(tmp_path / "ids", tmp_path / "agg")
+    row = _csv(paths["table_ablation_csv"])[0]
+    assert float(row["single_dino_mean"]) == pytest.approx(25.0) and float(row["learned_mean"]) == 1.0
+    md = paths["table_ablation_md"].read_text()
+    assert "| ID single | concepts learned (of 2) |" in md and "| 25.00 | 1.00 |" in md

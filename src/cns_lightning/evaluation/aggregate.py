@@ -116,14 +116,24 @@ COLUMNS = {
     ],
 }
 FUSION = [("fusion memory GPU (MB)", "memory_mb_gpu"), ("fusion memory CPU (MB)", "memory_mb_cpu"), ("fusion time (s)", "time_s")]
+# With an identity model (eval.dino_path; the micro world's ID): its single-concept score and the
+# number of concepts learned by the rule of evaluation.metrics.learned, beside CLIP-I / CLIP-T.
+IDENTITY_COLUMNS = [("ID single", "single", "dino")]
+
+
+def _learned(r: RunResult) -> float:
+    lv = r.results.get("learned") or {}
+    return float(lv["learned"]) if lv.get("of") and lv.get("metric") == "dino" else math.nan
 
 
 def table(groups: dict[str, list[RunResult]], layout: str, best_of: bool) -> tuple[list[str], list[list[str]], list[dict[str, Any]]]:
     """(markdown header, markdown rows, csv rows) of one table layout."""
     suffix = "_best" if best_of else ""
-    cols = COLUMNS[layout]
+    identity = any("dino" in r.state.matrices for rs in groups.values() for r in rs)
+    cols = COLUMNS[layout] + (IDENTITY_COLUMNS if identity else [])
     fusion = layout == "comparison" and any(r.summary.get("fusion") for rs in groups.values() for r in rs)
-    header = ["method", "seeds"] + [c[0] for c in cols] + ([f[0] for f in FUSION] if fusion else [])
+    n_concepts = "/".join(str(n) for n in sorted({r.state.n for rs in groups.values() for r in rs}))
+    header = ["method", "seeds"] + [c[0] for c in cols] + ([f"concepts learned (of {n_concepts})"] if identity else []) + ([f[0] for f in FUSION] if fusion else [])
     md_rows, csv_rows = [], []
     for method, rs in groups.items():
         row_md = [method, ", ".join(str(r.seed) for r in rs)]
@@ -132,6 +142,10 @@ def table(groups: dict[str, list[RunResult]], layout: str, best_of: bool) -> tup
             m, s, _ = _mean_std([_metric(r, where, key + suffix) for r in rs])
             row_md.append(_fmt(m, s))
             row_csv[f"{where}_{key}{suffix}_mean"], row_csv[f"{where}_{key}{suffix}_std"] = m, s
+        if identity:
+            m, s, _ = _mean_std([_learned(r) for r in rs])
+            row_md.append(_fmt(m, s))
+            row_csv["learned_mean"], row_csv["learned_std"] = m, s
         if fusion:
             for name, key in FUSION:
                 m, s, _ = _mean_std([_fusion(r, key) for r in rs])
