@@ -14,6 +14,7 @@ from cns_lightning.evaluation.loggers import (
     build_loggers,
     find_wandb_run_files,
     finish_loggers,
+    log_hyperparameters,
     log_stage,
     read_wandb_history,
 )
@@ -107,3 +108,25 @@ def test_each_multirun_job_gets_its_own_wandb_run(monkeypatch, tmp_path):
     files = find_wandb_run_files(tmp_path)
     assert len(files) == 2 and files[0].name != files[1].name
     assert [read_wandb_history(f, wait_s=60)[0]["eval/clip_i"] for f in files] == [0, 1]
+
+
+def test_every_logger_gets_the_resolved_config(monkeypatch, tmp_path):
+    """log_hyperparameters: the W&B run config, TensorBoard hparams and CSV hparams.yaml hold the
+    whole resolved run config; the W&B run name carries the sweep tag."""
+    import yaml
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    cfg = compose(["logger=[csv,tensorboard,wandb]", f"paths.run_dir={run_dir}", "name=exp", "tag=_l1_10", "method.lambda1=10.0"])
+    loggers = build_loggers(cfg.logger)
+    sent = log_hyperparameters(loggers, cfg)
+    assert sent["method"]["lambda1"] == 10.0 and sent["tag"] == "_l1_10" and "hydra" not in sent
+    wb = loggers[2]
+    assert wb.experiment.config["method"]["lambda1"] == 10.0 and wb.experiment.config["name"] == "exp"
+    assert wb.experiment.name == "cns_l1_10/seed0"
+    finish_loggers(loggers)
+    for kind in ("csv", "tensorboard"):  # TensorBoard writes its hparams.yaml beside the events (no hp_metric)
+        hp = yaml.safe_load((run_dir / kind / "hparams.yaml").read_text())
+        assert hp["method"]["lambda1"] == 10.0 and hp["seed"] == 0, kind

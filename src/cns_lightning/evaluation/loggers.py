@@ -3,6 +3,8 @@
 * :func:`build_loggers` - instantiate the ``logger`` config group (a dict of Lightning logger
   configs, possibly empty) into a list of Lightning loggers. W&B runs offline unless
   ``WANDB_MODE`` says otherwise (the yaml reads ``${oc.env:WANDB_MODE,offline}``).
+* :func:`log_hyperparameters` - the resolved run config to every logger (W&B config, TensorBoard
+  hparams, CSV ``hparams.yaml``).
 * :func:`log_stage` - one stage's metrics (x axis = stage), forgetting matrices as tables, sample
   grids as images, to every logger in its own idiom (W&B tables/images, TensorBoard
   scalars/images/text, CSV rows + files).
@@ -53,6 +55,19 @@ def build_loggers(cfg: Any) -> list:
             Path(item.get("save_dir") or ".").mkdir(parents=True, exist_ok=True)
         loggers.append(instantiate(item))
     return loggers
+
+
+def log_hyperparameters(loggers: Iterable, cfg: Any) -> dict:
+    """Send the run's whole resolved config to every logger, as lightning-hydra-template's
+    ``log_hyperparameters`` does: the W&B run's config, TensorBoard's hparams, the CSV logger's
+    ``hparams.yaml``. Returns the dict that was sent (the ``hydra`` node left out)."""
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    params.pop("hydra", None)
+    for logger in loggers:
+        logger.log_hyperparams(params)
+    return params
 
 
 # ----------------------------------------------------------------------------- logging
