@@ -235,13 +235,17 @@ def test_eval_prompt_token_removal_for_every_category(tmp_path):
             assert "  " not in p.clip_text and p.clip_text == p.generate.replace("<new7> ", "")
 
 
-def test_dino_matrices_when_a_dino_model_is_given(run, tmp_path):
+def _tiny_dino(folder) -> str:
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
     cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8)
-    ViTModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "dino")
-    ev = ContinualEvaluator(**SETTINGS, dino_path=str(tmp_path / "dino"))
+    ViTModel(cfg, add_pooling_layer=False).save_pretrained(folder)
+    return str(folder)
+
+
+def test_dino_matrices_when_a_dino_model_is_given(run, tmp_path):
+    ev = ContinualEvaluator(**SETTINGS, dino_path=_tiny_dino(tmp_path / "dino"))
     ev.setup(tmp_path / "run", run["concepts"][:2], "cpu")
     m = ev.after_stage(run["pipe"], 1, run["concepts"][:1])
     assert set(ev.state.matrices) == {"clip_i", "clip_t", "clip_i_best", "clip_t_best", "dino", "dino_best"}
@@ -255,12 +259,7 @@ def test_dino_matrices_when_a_dino_model_is_given(run, tmp_path):
 
 
 def test_base_model_identity_scores_and_learned_verdicts(run, tmp_path):
-    from transformers import ViTConfig, ViTModel
-
-    torch.manual_seed(0)
-    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8)
-    ViTModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "dino")
-    ev = ContinualEvaluator(**SETTINGS, dino_path=str(tmp_path / "dino"))
+    ev = ContinualEvaluator(**SETTINGS, dino_path=_tiny_dino(tmp_path / "dino"))
     ev.setup(tmp_path / "run", run["concepts"][:1], "cpu")
     ev.before_training(run["pipe"])
     assert set(ev.state.base["dino"]) == {"teddy"} and set(ev.state.base["reference"]["dino"]) == {"teddy"}
