@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cns_lightning.microworld.trainstate import load_training_state
 from cns_lightning.evaluation.metrics import load_dino
 from cns_lightning.microworld import concepts as C
 from cns_lightning.microworld import identity as I
@@ -101,7 +102,7 @@ def test_a_resumed_run_continues_from_its_checkpoint(tmp_path, capsys):
     assert I.main(TRAIN + ["--out", str(tmp_path / "straight"), "--steps", "4"]) == 0
     split = tmp_path / "split"
     assert I.main(TRAIN + ["--out", str(split), "--steps", "4", "--max-seconds", "0"]) == 0  # time cap: one step
-    assert torch.load(split / "checkpoint.pt", weights_only=False)["step"] == 1
+    assert load_training_state(split / "checkpoint.pt")["step"] == 1
     assert (split / "model" / "config.json").is_file() and json.loads((split / "train.json").read_text())["stopped_by"] == "time cap"
     capsys.readouterr()
     assert I.main(TRAIN + ["--out", str(split), "--steps", "4"]) == 0
@@ -109,8 +110,8 @@ def test_a_resumed_run_continues_from_its_checkpoint(tmp_path, capsys):
     info = json.loads((split / "train.json").read_text())
     assert (info["step"], info["steps_this_call"], info["stopped_by"]) == (4, 3, "steps")
     # same data stream, optimizer state and schedule: the split run ends where the straight one does
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(split / "checkpoint.pt", weights_only=False)["model"]
+    a = load_training_state(tmp_path / "straight" / "checkpoint.pt")["model"]
+    b = load_training_state(split / "checkpoint.pt")["model"]
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert not list(split.glob(".*"))  # no temporary files left
 

@@ -6,6 +6,7 @@ import json
 import torch
 from diffusers import UNet2DConditionModel
 
+from cns_lightning.microworld.trainstate import load_training_state
 from cns_lightning.microworld import arch
 from cns_lightning.microworld.pretrain import main
 
@@ -40,7 +41,7 @@ def _pretrain(out, steps, max_seconds="1000"):
 def test_pretraining_resumes_from_its_checkpoint(tmp_path):
     # the time cap (0 s) stops the UNet after its first step; the checkpoint holds step 1
     _pretrain(tmp_path, steps=4, max_seconds="0")
-    ckpt = torch.load(tmp_path / "checkpoint_unet.pt", weights_only=False)
+    ckpt = load_training_state(tmp_path / "checkpoint_unet.pt")
     assert ckpt["step"] == 1
     assert json.loads((tmp_path / "progress.json").read_text()) == {"clip": 2, "vae": 2}
     # the rerun loads the finished CLIP and VAE and continues the UNet at step 1
@@ -48,7 +49,7 @@ def test_pretraining_resumes_from_its_checkpoint(tmp_path):
     log = (tmp_path / "log.txt").read_text()
     assert "clip: finished earlier" in log and "vae: finished earlier" in log
     assert "unet resumed from" in log and "at step 1" in log
-    assert torch.load(tmp_path / "checkpoint_unet.pt", weights_only=False)["step"] == 4
+    assert load_training_state(tmp_path / "checkpoint_unet.pt")["step"] == 4
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "pipeline" / "unet")
     assert unet.config.cross_attention_dim == 32
     assert list(unet.config.down_block_types) == ["CrossAttnDownBlock2D"] * 3

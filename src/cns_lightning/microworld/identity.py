@@ -66,6 +66,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from .trainstate import load_training_state, save_training_state
 from . import concepts as C
 from . import world as W
 from .assets import ROOT as ASSETS_ROOT
@@ -805,11 +806,6 @@ def train_step(model, opt, images_u8, labels, temperature: float) -> float:
     return float(loss.detach())
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
 
 def train(a: argparse.Namespace, log=print) -> dict:
     """Train (or resume) into ``a.out``: ``checkpoint.pt`` every ``a.save_every`` steps, at the end
@@ -820,7 +816,7 @@ def train(a: argparse.Namespace, log=print) -> dict:
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device))
     hp = dict(seed=a.seed, batch=a.batch, views=a.views, lr=a.lr, weight_decay=a.weight_decay, temperature=a.temperature,
               vit=dict(hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.heads, intermediate_size=4 * a.hidden))  # fmt: skip
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.is_file() else None
+    state = load_training_state(ckpt_path) if ckpt_path.is_file() else None
     if state is not None:
         changed = {k: (v, state["hparams"][k]) for k, v in hp.items() if state["hparams"][k] != v}
         if changed:
@@ -842,9 +838,9 @@ def train(a: argparse.Namespace, log=print) -> dict:
     log(f"ViT {n_params / 1e6:.2f} M params on {dev}; steps {step} -> {a.steps}, batch {hp['batch']} = {hp['batch'] // hp['views']} identities x {hp['views']} views, {a.workers} workers")
 
     def checkpoint():
-        _atomic_torch_save({"step": step, "hparams": hp, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "torch_rng": torch.get_rng_state(), "data": {"seed": hp["seed"], "next_batch": step},
-                            "history": history}, ckpt_path)  # fmt: skip
+        save_training_state(ckpt_path, {"step": step, "hparams": hp, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                        "torch_rng": torch.get_rng_state(), "data": {"seed": hp["seed"], "next_batch": step},
+                                        "history": history})  # fmt: skip
 
     t0, stop, first = time.time(), "steps", step
     warmup = max(1, min(200, a.steps // 20))

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .trainstate import load_training_state, save_training_state
 from . import arch
 from . import world as W
 from .metrics import attribute_accuracy, clip_t, pixel_values
@@ -162,13 +163,6 @@ def encode_all(vae, imgs, batch=1024):
     return torch.cat(mus), torch.cat(stds)
 
 
-def save_checkpoint(path: Path, **state) -> None:
-    """Write a training checkpoint atomically (a temporary file renamed into place)."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def train_unet(unet, text_encoder, mus, stds, ids, empty_ids, scale, steps, batch, lr, max_s, gen, log, ckpt: Path | None = None, ckpt_every: int = 1000):
     """DDPM epsilon training with min-SNR-5 weighting and an EMA; returns (EMA UNet, steps done).
 
@@ -188,7 +182,7 @@ def train_unet(unet, text_encoder, mus, stds, ids, empty_ids, scale, steps, batc
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     start = 0
     if ckpt is not None and ckpt.is_file():
-        st = torch.load(ckpt, map_location=dev, weights_only=False)
+        st = load_training_state(ckpt, map_location=dev)
         if st["steps"] != steps or st["batch"] != batch:
             raise SystemExit(f"{ckpt} was made with --unet-steps {st['steps']} --unet-batch {st['batch']}; pass the same values or delete it")
         unet.load_state_dict(st["unet"])
@@ -200,7 +194,7 @@ def train_unet(unet, text_encoder, mus, stds, ids, empty_ids, scale, steps, batc
 
     def checkpoint(step: int) -> None:
         if ckpt is not None:
-            save_checkpoint(ckpt, unet=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), step=step, steps=steps, batch=batch)
+            save_training_state(ckpt, dict(unet=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), step=step, steps=steps, batch=batch))
 
     unet.train()
     text_encoder.eval().requires_grad_(False)
