@@ -59,7 +59,8 @@ def test_tables_average_over_seeds(sweep, tmp_path):
     comp = {r["method"]: r for r in _csv(paths["table_comparison_csv"])}
     assert float(comp["full_kv"]["multi_clip_t_mean"]) == pytest.approx(states["full_kv"].multi["clip_t"], abs=1e-6)
     md = paths["table_comparison_md"].read_text()
-    assert "| method | seeds | CLIP-I single | CLIP-T single | CLIP-I multi | CLIP-T multi |" in md
+    assert "| run | seeds (n) | CLIP-I single | CLIP-T single | CLIP-I multi | CLIP-T multi |" in md
+    assert "| cns | 0, 1 (2) |" in md and "| full_kv | 0 (1) |" in md
     assert "mean over 2 samples" in md and " ± " in md
     assert "| CLIP-I | CLIP-T |" in paths["table_ablation_md"].read_text()
 
@@ -105,3 +106,31 @@ def test_identity_column_and_learned_count(sweep, tmp_path):
     assert float(row["single_dino_mean"]) == pytest.approx(25.0) and float(row["learned_mean"]) == 1.0
     md = paths["table_ablation_md"].read_text()
     assert "| ID single | concepts learned (of 2) |" in md and "| 25.00 | 1.00 |" in md
+
+
+def test_a_knob_sweep_is_rows_not_seeds(sweep, tmp_path):
+    """Runs that differ in a config knob (a lambda sweep) are separate rows, named by the knob; only
+    seeds are averaged, with a 95% interval beside the mean."""
+    sweep_dir, _ = sweep
+    src = sweep_dir / "cns" / "seed0"
+    for lam in (0.0, 10.0):
+        for seed in (0, 1):
+            run = tmp_path / "lam" / f"cns_l1_{lam}" / f"seed{seed}"
+            shutil.copytree(src, run)
+            (run / "summary.json").write_text(json.dumps({"method": "cns", "seed": seed, "concepts": ["teddy", "mug"]}))
+            (run / "config.yaml").write_text(
+                f"method:\n  name: cns\n  lambda1: {lam}\nseed: {seed}\ntag: _l1_{lam}\npaths:\n  run_dir: {run}\n"
+            )
+            st = json.loads((run / "eval" / "state.json").read_text())
+            st["matrices"]["clip_i"] = [[None if v is None else v + lam + seed for v in row] for row in st["matrices"]["clip_i"]]
+            (run / "eval" / "state.json").write_text(json.dumps(st))
+    paths = aggregate(tmp_path / "lam", tmp_path / "agg")
+    rows = {r["run"]: r for r in _csv(paths["table_ablation_csv"])}
+    assert set(rows) == {"cns (method.lambda1=0.0)", "cns (method.lambda1=10.0)"}
+    assert [rows[k]["n_seeds"] for k in sorted(rows)] == ["2", "2"]
+    lo, hi = float(rows["cns (method.lambda1=0.0)"]["single_clip_i_mean"]), float(rows["cns (method.lambda1=10.0)"]["single_clip_i_mean"])
+    assert hi - lo == pytest.approx(10.0)
+    std = float(rows["cns (method.lambda1=0.0)"]["single_clip_i_std"])
+    assert std == pytest.approx(np.std([0.0, 1.0], ddof=1)) and float(rows["cns (method.lambda1=0.0)"]["single_clip_i_ci95"]) == pytest.approx(12.706 * std / 2**0.5)
+    md = paths["table_ablation_md"].read_text()
+    assert "| cns (method.lambda1=10.0) | 0, 1 (2) |" in md and " ± 0.71 [" in md

@@ -44,6 +44,44 @@ class RunResult:
     summary: dict[str, Any]
     state: EvalState
     results: dict[str, Any]
+    config: dict[str, Any] | None = None  # the run's resolved config.yaml, flattened (None: no config.yaml)
+
+
+# Config keys that do not define what a run measures: runs differing only in these (and the seed)
+# are seeds of one setting. Everything else that differs between runs separates their rows.
+NOT_DEFINING = ("seed", "tag", "name", "device", "resume", "nan_check_every", "paths.", "hydra.", "logger.",
+                "data.num_workers", "prior.batch_size", "eval.batch_size", "trainer.enable_progress_bar")
+# Two-sided 95% Student t quantiles for 1..30 degrees of freedom (then the normal 1.96).
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def ci95(std: float, n: int) -> float:
+    """Half-width of the 95% confidence interval of a mean of ``n`` seeds (Student t)."""
+    if n < 2 or math.isnan(std):
+        return math.nan
+    return (_T95[n - 2] if n - 1 <= len(_T95) else 1.96) * std / math.sqrt(n)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: json.dumps(d, sort_keys=True) if isinstance(d, list) else d}
+
+
+def _read_config(folder: Path) -> dict[str, Any] | None:
+    path = folder / "config.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        return _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    except yaml.YAMLError as e:
+        raise SweepError(f"{path}: not valid YAML ({e}); rerun the job or delete the folder") from e
 
 
 def load_run(folder: Path) -> RunResult:
@@ -60,7 +98,7 @@ def load_run(folder: Path) -> RunResult:
         state = EvalState.load(folder / "eval" / "state.json")
     except StateError as e:
         raise SweepError(str(e)) from e
-    return RunResult(folder, str(summary["method"]), int(summary["seed"]), summary, state, results_from_state(state))
+    return RunResult(folder, str(summary["method"]), int(summary["seed"]), summary, state, results_from_state(state), _read_config(folder))
 
 
 def find_runs(sweep_dir: Path) -> list[RunResult]:
@@ -83,16 +121,31 @@ def _mean_std(values: list[float]) -> tuple[float, float, int]:
     return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan, len(vals)
 
 
-def _fmt(m: float, s: float) -> str:
+def _fmt(m: float, s: float, n: int = 0) -> str:
+    """``mean ± std [95% CI]`` over seeds; the mean alone for one seed."""
     if math.isnan(m):
         return "—"
-    return f"{m:.2f} ± {s:.2f}" if not math.isnan(s) else f"{m:.2f}"
+    if math.isnan(s):
+        return f"{m:.2f}"
+    h = ci95(s, n)
+    return f"{m:.2f} ± {s:.2f}" + (f" [{m - h:.2f}, {m + h:.2f}]" if not math.isnan(h) else "")
 
 
-def by_method(runs: list[RunResult]) -> dict[str, list[RunResult]]:
+def _defining(key: str) -> bool:
+    return not any(key == p or (p.endswith(".") and key.startswith(p)) for p in NOT_DEFINING)
+
+
+def by_setting(runs: list[RunResult]) -> dict[str, list[RunResult]]:
+    """Runs grouped by everything that defines them but the seed: the method, and every config key
+    (``config.yaml``) whose value differs between runs, named in the row label
+    (``cns (method.lambda1=10.0)``), so a sweep over a knob is never averaged as if it were seeds."""
+    keys = sorted({k for r in runs if r.config for k in r.config if _defining(k)})
+    varying = [k for k in keys if k != "method.name" and len({json.dumps((r.config or {}).get(k), default=str) for r in runs}) > 1]
     out: dict[str, list[RunResult]] = {}
-    for r in sorted(runs, key=lambda r: (r.method, r.seed)):
-        out.setdefault(r.method, []).append(r)
+    for r in sorted(runs, key=lambda r: (r.method, [str((r.config or {}).get(k)) for k in varying], r.seed)):
+        cfg = r.config or {}
+        diff = ", ".join(f"{k}={cfg.get(k)}" for k in varying if cfg.get(k) is not None)
+        out.setdefault(f"{r.method} ({diff})" if diff else r.method, []).append(r)
     return out
 
 
@@ -133,24 +186,24 @@ def table(groups: dict[str, list[RunResult]], layout: str, best_of: bool) -> tup
     cols = COLUMNS[layout] + (IDENTITY_COLUMNS if identity else [])
     fusion = layout == "comparison" and any(r.summary.get("fusion") for rs in groups.values() for r in rs)
     n_concepts = "/".join(str(n) for n in sorted({r.state.n for rs in groups.values() for r in rs}))
-    header = ["method", "seeds"] + [c[0] for c in cols] + ([f"concepts learned (of {n_concepts})"] if identity else []) + ([f[0] for f in FUSION] if fusion else [])
+    header = ["run", "seeds (n)"] + [c[0] for c in cols] + ([f"concepts learned (of {n_concepts})"] if identity else []) + ([f[0] for f in FUSION] if fusion else [])
     md_rows, csv_rows = [], []
-    for method, rs in groups.items():
-        row_md = [method, ", ".join(str(r.seed) for r in rs)]
-        row_csv: dict[str, Any] = {"method": method, "n_seeds": len(rs), "seeds": " ".join(str(r.seed) for r in rs)}
-        for name, where, key in cols:
-            m, s, _ = _mean_std([_metric(r, where, key + suffix) for r in rs])
-            row_md.append(_fmt(m, s))
-            row_csv[f"{where}_{key}{suffix}_mean"], row_csv[f"{where}_{key}{suffix}_std"] = m, s
+    for label, rs in groups.items():
+        row_md = [label, f"{', '.join(str(r.seed) for r in rs)} ({len(rs)})"]
+        row_csv: dict[str, Any] = {"method": rs[0].method, "run": label, "n_seeds": len(rs), "seeds": " ".join(str(r.seed) for r in rs)}
+
+        def add(name: str, values: list[float]) -> None:
+            m, s, n = _mean_std(values)
+            row_md.append(_fmt(m, s, n))
+            row_csv[f"{name}_mean"], row_csv[f"{name}_std"], row_csv[f"{name}_ci95"] = m, s, ci95(s, n)
+
+        for _, where, key in cols:
+            add(f"{where}_{key}{suffix}", [_metric(r, where, key + suffix) for r in rs])
         if identity:
-            m, s, _ = _mean_std([_learned(r) for r in rs])
-            row_md.append(_fmt(m, s))
-            row_csv["learned_mean"], row_csv["learned_std"] = m, s
+            add("learned", [_learned(r) for r in rs])
         if fusion:
-            for name, key in FUSION:
-                m, s, _ = _mean_std([_fusion(r, key) for r in rs])
-                row_md.append(_fmt(m, s))
-                row_csv[f"fusion_{key}_mean"], row_csv[f"fusion_{key}_std"] = m, s
+            for _, key in FUSION:
+                add(f"fusion_{key}", [_fusion(r, key) for r in rs])
         md_rows.append(row_md)
         csv_rows.append(row_csv)
     return header, md_rows, csv_rows
@@ -213,13 +266,14 @@ def aggregate(sweep_dir: Path, out: Path | None = None, best_of: bool = False) -
     sweep_dir = Path(sweep_dir)
     out = Path(out) if out else sweep_dir / "aggregate"
     runs = find_runs(sweep_dir)
-    groups = by_method(runs)
+    groups = by_setting(runs)
     n_samples = "/".join(str(n) for n in sorted({r.state.settings.get("n_samples") for r in runs}, key=str))
     clip_models = sorted({r.state.clip_model for r in runs})
     label = f"best of {n_samples} samples per prompt" if best_of else f"mean over {n_samples} samples per prompt"
     note = (
         f"{len(runs)} runs below `{sweep_dir}`; final model (after the last evaluated stage); {label}; "
-        f"CLIP: {', '.join(clip_models)}; mean ± std (ddof 1) over seeds. Written by "
+        f"CLIP: {', '.join(clip_models)}; mean ± std (ddof 1) [95% confidence interval, Student t] over seeds; "
+        "a row per setting (the method and every differing config key but the seed). Written by "
         f"`python -m cns_lightning.evaluation.aggregate {sweep_dir}{' --best-of' if best_of else ''}`.\n\n"
     )
     paths: dict[str, Path] = {}
