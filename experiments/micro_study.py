@@ -6,13 +6,14 @@ Runs Hydra sweeps of the real CLI on the micro world (``+experiment=seq7``) and 
     python experiments/micro_study.py knobs --seeds 0 --steps 200          # threshold ratio, tokens in ||c||, lambda1/lambda2
     python experiments/micro_study.py table outputs/micro_study/methods    # re-tabulate finished runs
 
-Per run (numbers from ``eval/results.json``, micro CLIP, mean over samples):
+Per run (numbers from ``eval/results.json``, as ``evaluation.summary`` defines them; mean over samples):
   gain      mean over concepts of CLIP-I right after learning minus the base model's CLIP-I with the
             class prompt (no token): does the concept get learned?
   c1 drop   concept 1's CLIP-I after its own stage minus after the last stage (forgetting of the first)
   forget    mean over concepts of (best earlier CLIP-I - final CLIP-I)  (the usual forgetting measure)
   zs drift  zero-shot CLIP-T on plain held-out prompts, final minus base model (preservation)
   CLIP-I / CLIP-T  final model, single-concept prompts
+  ID gain, learned  the identity model's gain, and how many concepts it calls learned
 """
 
 from __future__ import annotations
@@ -49,20 +50,19 @@ def run_sweep(name: str, overrides: list[str], out_root: Path) -> None:
 
 
 def metrics(run: Path) -> dict:
+    """The run's headline numbers as the package defines them (``evaluation.summary.results_from_state``)."""
     r = json.loads((run / "eval" / "results.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
-    per = r["per_concept"]
-    names = [c["name"] for c in summary["concepts"] if c["name"] in per]
-    first = per[names[0]]
-    zs = r["zero_shot_clip_t"]["mean"]
     return dict(
-        gain=statistics.mean(per[n]["clip_i_learned"] - per[n]["clip_i_base"] for n in names),
-        c1_drop=first["clip_i_learned"] - first["clip_i_final"],
+        gain=r["gain_over_base"]["clip_i"],
+        c1_drop=r["concept1_drop"]["clip_i"],
         forget=r["forgetting"]["clip_i"]["forgetting"],
-        zs_drift=zs["final"] - zs["base"],
+        zs_drift=r["zero_shot_clip_t"]["mean"]["drift"],
         clip_i=r["single"]["clip_i"],
         clip_t=r["single"]["clip_t"],
-        entries=statistics.mean(s["concept_entries"] for s in summary["stages"]),
+        id_gain=r["gain_over_base"].get("dino", float("nan")),
+        learned=r.get("learned", {}).get("learned", float("nan")),
+        entries=statistics.mean(s.get("concept_entries", 0) for s in summary["stages"]),
     )
 
 
@@ -71,12 +71,12 @@ def table(sweep_dir: Path) -> str:
     for results in sorted(sweep_dir.glob("*/seed*/eval/results.json")):
         run = results.parents[1]
         rows.setdefault(run.parent.name, []).append(metrics(run))
-    cols = ["gain", "c1_drop", "forget", "zs_drift", "clip_i", "clip_t", "entries"]
+    cols = ["gain", "c1_drop", "forget", "zs_drift", "clip_i", "clip_t", "id_gain", "learned", "entries"]
     lines = [
         f"Micro-world study: {sweep_dir} (micro CLIP, mean over samples; ± = std over seeds)",
         "",
-        "| run | seeds | CLIP-I gain | concept-1 drop | forgetting | zero-shot drift | CLIP-I | CLIP-T | neurons/concept |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| run | seeds | CLIP-I gain | concept-1 drop | forgetting | zero-shot drift | CLIP-I | CLIP-T | ID gain | concepts learned (ID) | neurons/concept |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, ms in rows.items():
         cells = []

@@ -97,7 +97,8 @@ def test_identity_metric_rows_and_the_learned_rule(tmp_path):
     res = results_from_state(st)
     assert res["learned"] == {**res["learned"], "metric": "dino", "learned": 1, "kept": 0, "of": 2}
     assert res["per_concept"]["dog"]["learned"] and not res["per_concept"]["dog"]["kept"]
-    assert res["gain_over_base"]["dino"] == pytest.approx(((30 - 10) + (20 - 10)) / 2)
+    assert res["gain_over_base"]["dino"] == pytest.approx(((40 - 10) + (20 - 10)) / 2)  # right after each stage
+    assert res["concept1_drop"]["dino"] == pytest.approx(40 - 30) and res["zero_shot_clip_t"]["mean"]["drift"] == 0.0
     md = write_report(tmp_path, st).read_text()
     assert "ID model: `/x/assets/micro/identity`" in md and "### ID  R[t, i]" in md
     assert "| ID single | 25.00 | 30.00 |" in md and "**Concepts learned: 1 of 2** by ID" in md

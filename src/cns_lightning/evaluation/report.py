@@ -248,13 +248,13 @@ def write_report(run_dir: Path, state: EvalState) -> Path:
                 ["CLIP-T multi", mu.get("clip_t"), mu.get("clip_t_best")],
                 ["zero-shot CLIP-T, base model", zs["mean"]["base"], zs["best"]["base"]],
                 ["zero-shot CLIP-T, final model", zs["mean"]["final"], zs["best"]["final"]],
-                ["CLIP-I gain over base (class prompt)", res["gain_over_base"].get("clip_i"), None],
+                ["CLIP-I gain (right after its stage - base model, class prompt)", res["gain_over_base"].get("clip_i"), None],
                 ["CLIP-I forgetting (max earlier - final)", res["forgetting"]["clip_i"]["forgetting"],
                  res["forgetting"]["clip_i_best"]["forgetting"]],
                 ["CLIP-I backward transfer", res["forgetting"]["clip_i"]["bwt"], res["forgetting"]["clip_i_best"]["bwt"]],
                 *(
                     [[f"{idl} single", s.get("dino"), s.get("dino_best")],
-                     [f"{idl} gain over base (class prompt)", res["gain_over_base"].get("dino"), None],
+                     [f"{idl} gain (right after its stage - base model, class prompt)", res["gain_over_base"].get("dino"), None],
                      [f"{idl} forgetting (max earlier - final)", res["forgetting"]["dino"]["forgetting"], res["forgetting"]["dino_best"]["forgetting"]]]
                     if "dino" in s else []
                 ),  # fmt: skip

@@ -67,10 +67,15 @@ def results_from_state(state: EvalState) -> dict[str, Any]:
             if ref is not None:
                 pc[f"{key}_reference"] = float(ref)
         out["per_concept"][name] = pc
+    # The headline numbers, one definition each (report.md, sweep tables and experiments/ read them here):
+    # gain: right after its own stage minus the base model's class-prompt samples, mean over concepts;
+    # concept-1 drop: concept 1 right after its stage minus after the last stage;
+    # zero-shot drift: zero-shot CLIP-T of the final model minus the base model's.
     for key in ("clip_i", "clip_t", "dino"):
-        gains = [pc[f"{key}_final"] - pc[f"{key}_base"] for pc in out["per_concept"].values() if f"{key}_base" in pc]
+        gains = [pc[f"{key}_learned"] - pc[f"{key}_base"] for pc in out["per_concept"].values() if f"{key}_base" in pc]
         if key in R:
             out["gain_over_base"][key] = _nanmean(gains)
+            out.setdefault("concept1_drop", {})[key] = float(R[key][0, 0] - R[key][T - 1, 0]) if T else math.nan
     key = identity_metric(state)
     verdicts = {}
     for name, pc in out["per_concept"].items():
@@ -92,6 +97,7 @@ def results_from_state(state: EvalState) -> dict[str, Any]:
             "final": zs[T] if len(zs) > T else math.nan,
             "per_stage": zs,
         }
+        out["zero_shot_clip_t"][which]["drift"] = out["zero_shot_clip_t"][which]["final"] - out["zero_shot_clip_t"][which]["base"]
     if state.multi:
         out["multi"] = {k: v for k, v in state.multi.items() if k != "pairs"}
         out["multi"]["n_pairs"] = len(state.multi.get("pairs", []))
