@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from cns_lightning import checkpoint as ck
 from cns_lightning.checkpoint import (

@@ -104,7 +104,8 @@ def test_save_then_load_gives_the_live_model_bit_identical(trained):
 def test_resume_after_an_interruption_is_bit_identical(trained, tmp_path):
     dirs, method = trained["dirs"], trained["method"]
     cfg = compose_cfg(tmp_path, _overrides(dirs, method))
-    continual.run(cfg)
+    result = continual.run(cfg)
+    assert all(s["merge_seconds"] >= 0 and s["method"] == method for s in result["stages"]), "the loop times every merge step"
     reference = _stage_bytes(tmp_path / "run")
     assert len({k.split("/")[1] for k in reference}) == len(NAMES)
     shutil.rmtree(sorted((tmp_path / "run" / "stages").iterdir())[-1])  # stage 2 never finished
