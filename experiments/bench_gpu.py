@@ -1,8 +1,8 @@
 """GPU speed at SD-1.5 scale (issue 5): `python experiments/bench_gpu.py` on a CUDA machine.
 
 Builds ``sd15_random`` (the exact SD-1.5 architecture, random weights, no download) on the GPU and
-runs the project's own code path (CNSModule + ConceptDataModule + a Lightning Trainer made from
-conf/trainer/gpu.yaml, the loop's ``select_masks`` and ``save_stage``). Prints one table naming the
+runs the project's own code path (ContinualModule + the configured method + ConceptDataModule + a Lightning Trainer made from
+conf/trainer/gpu.yaml, the run's method (``begin_stage`` / ``end_stage``) and ``write_stage``). Prints one table naming the
 device; writes every number to ``--out`` (bench.json).
 
 Measured:
@@ -49,17 +49,16 @@ sys.path.insert(0, str(ROOT / "experiments" / "baseline"))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from cns_lightning.checkpoint import hash_tensors  # noqa: E402
 from cns_lightning.concepts import concepts_from_config  # noqa: E402
-from cns_lightning.continual import calibration_prompts, select_masks, stage_key  # noqa: E402
+from cns_lightning.continual import calibration_prompts  # noqa: E402
+from cns_lightning.methods import RunContext, build_method  # noqa: E402
 from cns_lightning.data import ConceptDataModule  # noqa: E402
 from cns_lightning.models import build_random_pipeline, cross_attention_kv  # noqa: E402
-from cns_lightning.module import CNSModule  # noqa: E402
+from cns_lightning.module import ContinualModule  # noqa: E402
 from cns_lightning.prior import model_fingerprint, prior_images  # noqa: E402
-from cns_lightning.selection import SelectionConfig, encode_norms  # noqa: E402
-from cns_lightning.state import save_stage, stage_dir  # noqa: E402
+from cns_lightning.state import stage_dir, write_stage  # noqa: E402
 from cns_lightning.tokens import add_concept_tokens  # noqa: E402
 
 SEQ7 = ["dog_patch", "cup_heart", "cat_tabby", "style_neon", "bird_parrot", "scene_island", "car_racer"]
@@ -272,10 +271,9 @@ def main() -> None:
     torch.cuda.empty_cache()
 
     # ---- step-time variants on stage 1's data
-    sel_cfg = SelectionConfig(**OmegaConf.to_container(cfg.method.selection, resolve=True))
-    calib = encode_norms(pipe.text_encoder, pipe.tokenizer, calibration_prompts(cfg), sel_cfg.tokens)
+    method, ctx = method_context(cfg, pipe, concepts, token_ids, cache)
     c0 = concepts[0]
-    masks0, _ = select_masks(cfg.method, _Probe(pipe), c0, c0.captions(str(cache)), calib, sel_cfg, 0)
+    masks0, _ = method.select(ctx, 0, c0)
     dm = ConceptDataModule(c0, pipe.tokenizer, 512, steps=args.variant_steps, batch_size=2, prior_images=priors,
                            prior_prompt=c0.class_prompt(), vae=pipe.vae, seed=0, cache_dir=str(cache))
     t0 = time.time()
@@ -298,16 +296,18 @@ def main() -> None:
             from module_v0 import CNSModule as Module0
 
             module = Module0(pipe, nan_check_every=1, log_every=10)
+            module.add_masks("c01", masks0)
+            module.begin_stage("c01", [token_ids[c0.name]], earlier=[])
         else:
-            module = CNSModule(pipe, nan_check_every=1, log_every=10)
+            module = ContinualModule(pipe, nan_check_every=1, log_every=10)
             if name == "channels_last":
                 module.enable_speedups(channels_last=True)
             if name == "compile":  # torch.compile, default mode
                 module.enable_speedups(compile=True, channels_last=True)
             if name == "compile_cg":  # torch.compile with CUDA graphs (mode reduce-overhead: conf/trainer/gpu.yaml)
                 module.enable_speedups(compile={"mode": "reduce-overhead"}, channels_last=True)
-        module.add_masks("c01", masks0)
-        module.begin_stage("c01", [token_ids[c0.name]], earlier=[])
+            method.setup(ctx)
+            module.begin_stage(method.begin_stage(ctx, 0, c0))
         timer = StepTimer()
         speed = name.startswith("compile")
         torch.cuda.reset_peak_memory_stats()
@@ -339,11 +339,11 @@ def main() -> None:
     json.dump(results, open(out / "bench.json", "w"), indent=2)
 
     # ---- whole stages through the loop's steps (selection + training + saving), final config
-    module = compiled_module if "compiled_module" in locals() else CNSModule(pipe, nan_check_every=1, log_every=10)
+    module = compiled_module if "compiled_module" in locals() else ContinualModule(pipe, nan_check_every=1, log_every=10)
     reset()  # the variant runs trained stage 1 already
-    module.masks.clear()
+    method.setup(ctx)
     run_dir = out / "run"
-    stages, all_masks = [], []
+    stages = []
     for m in range(args.stages):
         c = concepts[m]
         steps = args.stage_steps if m < 2 else args.short_steps
@@ -351,11 +351,9 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
         t0 = time.time()
-        masks, selection = select_masks(cfg.method, module, c, c.captions(str(cache)), calib, sel_cfg, m)
+        module.begin_stage(method.begin_stage(ctx, m, c))  # selection (Eq. 3-6) + the stage's set-up
         t_sel = time.time() - t0
-        module.add_masks(stage_key(m), masks)
-        all_masks.append(module.concept_masks(stage_key(m)))
-        module.begin_stage(stage_key(m), [token_ids[c.name]], earlier=[stage_key(i) for i in range(m)])
+        masks = method.masks[m]
         dmc = ConceptDataModule(c, pipe.tokenizer, 512, steps=steps, batch_size=2, prior_images=priors,
                                 prior_prompt=c0.class_prompt(), vae=pipe.vae, seed=m, cache_dir=str(cache))
         timer = StepTimer()
@@ -365,8 +363,7 @@ def main() -> None:
         t_fit = time.time() - t0 - t_sel
         t1 = time.time()
         info = dict(concept=c.name, stage=m + 1, steps=trainer.global_step)
-        save_stage(stage_dir(run_dir, m, c.name), dict(module.kv()), all_masks,
-                   pipe.text_encoder.get_input_embeddings().weight[token_ids[c.name]], selection, info, initial=module.kv_initial())
+        write_stage(stage_dir(run_dir, m, c.name), method.end_stage(ctx, m, c), info)
         t_save = time.time() - t1
         ms = timer.step_ms(min(args.warmup, max(0, steps - 5)))
         stages.append(dict(stage=m + 1, steps=steps, selection_s=round(t_sel, 2), fit_s=round(t_fit, 2), save_s=round(t_save, 2),
@@ -386,14 +383,13 @@ def main() -> None:
     print_table(results)
 
 
-class _Probe:
-    """select_masks only reads kv(), text_encoder and tokenizer of the module: before a module exists."""
-
-    def __init__(self, pipe):
-        self.text_encoder, self.tokenizer, self._unet = pipe.text_encoder, pipe.tokenizer, pipe.unet
-
-    def kv(self):
-        return cross_attention_kv(self._unet)
+def method_context(cfg, pipe, concepts, token_ids, cache):
+    """The run's method (``cfg.method``) set up on ``pipe``, as the loop builds it."""
+    method = build_method(cfg.method)
+    ctx = RunContext(pipe=pipe, concepts=concepts, token_ids=token_ids, cache_dir=str(cache), calibration_prompts=calibration_prompts(cfg),
+                     kv_lr_scale=float(cfg.model.get("kv_lr_scale", 1.0)), token_lr_scale=float(cfg.model.get("token_lr_scale", 1.0)))
+    method.setup(ctx)
+    return method, ctx
 
 
 def print_table(r: dict) -> None:
@@ -457,12 +453,9 @@ def ddp_main(args, out: Path, cache: Path, results: dict) -> None:
     torch.cuda.synchronize()
     results["prior_s"] = round(time.time() - t0, 1)
     results["prior_img_per_s"] = round(args.prior_images / (time.time() - t0), 3)
-    sel_cfg = SelectionConfig(**OmegaConf.to_container(cfg.method.selection, resolve=True))
-    calib = encode_norms(pipe.text_encoder, pipe.tokenizer, calibration_prompts(cfg), sel_cfg.tokens)
-    module = CNSModule(pipe, nan_check_every=1, log_every=10)
-    masks, _ = select_masks(cfg.method, module, c0, c0.captions(str(cache)), calib, sel_cfg, 0)
-    module.add_masks("c01", masks)
-    module.begin_stage("c01", [token_ids[c0.name]], earlier=[])
+    method, ctx = method_context(cfg, pipe, concepts, token_ids, cache)
+    module = ContinualModule(pipe, nan_check_every=1, log_every=10)
+    module.begin_stage(method.begin_stage(ctx, 0, c0))
     dm = ConceptDataModule(c0, pipe.tokenizer, 512, steps=args.stage_steps, batch_size=2, prior_images=priors,
                            prior_prompt=c0.class_prompt(), vae=pipe.vae, seed=0, cache_dir=str(cache))
     timer = StepTimer()

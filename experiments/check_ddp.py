@@ -32,9 +32,12 @@ from cns_lightning.concepts import Concept  # noqa: E402
 from cns_lightning.data import ConceptDataModule  # noqa: E402
 from cns_lightning.distributed import CompactGradStrategy, MaskedDDPStrategy  # noqa: E402
 from cns_lightning.models import build_random_pipeline, cross_attention_kv  # noqa: E402
-from cns_lightning.module import CNSModule  # noqa: E402
+from cns_lightning.methods.base import StageFiles  # noqa: E402
+from cns_lightning.methods.kv_store import kv_file, mask_file  # noqa: E402
+from cns_lightning.methods.stage import MaskedStage  # noqa: E402
+from cns_lightning.module import ContinualModule  # noqa: E402
 from cns_lightning.prior import prior_images  # noqa: E402
-from cns_lightning.state import save_stage, stage_dir  # noqa: E402
+from cns_lightning.state import stage_dir, write_stage  # noqa: E402
 from cns_lightning.tokens import add_concept_tokens  # noqa: E402
 
 
@@ -68,33 +71,37 @@ def main() -> int:
     pipe.to(device)
     priors = prior_images(pipe, "a toy", 6, root / "cache", resolution=32, num_inference_steps=2, batch_size=2)
     checks = {"prior images: all 6 written once, split over ranks": len(priors) == 6}
-    module = CNSModule(pipe, lr_neurons=1e-2, lr_token=1e-2)
+    module = ContinualModule(pipe)
     g = torch.Generator().manual_seed(0)
-    masks = {n: torch.rand(p.shape, generator=g) < 0.2 for n, p in cross_attention_kv(pipe.unet).items()}
-    before = {n: p.detach().cpu().clone() for n, p in module.kv().items()}
-    module.add_masks("c01", masks)
-    module.begin_stage("c01", [ids["c0"]], earlier=[])
+    kv = cross_attention_kv(pipe.unet)
+    masks = {n: (torch.rand(p.shape, generator=g) < 0.2).to(device) for n, p in kv.items()}
+    before = {n: p.detach().cpu().clone() for n, p in kv.items()}
+    initial = {n: p.detach().clone() for n, p in kv.items()}
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    module.begin_stage(MaskedStage(key="c01", token_ids=[ids["c0"]], kv={n: (p, masks[n]) for n, p in kv.items()}, embeddings=emb, lr_kv=1e-2, lr_token=1e-2))
     dm = ConceptDataModule(concept, pipe.tokenizer, 32, steps=8, batch_size=2, vae=pipe.vae, seed=0, prior_images=priors, prior_prompt="a toy")
     trainer = L.Trainer(max_steps=8, accelerator="gpu" if args.gpu else "cpu", devices=world, strategy=STRATEGIES[args.strategy](),
                         use_distributed_sampler=False, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, precision="bf16-mixed" if args.gpu else "32-true")
     trainer.fit(module, datamodule=dm)
     module.end_stage()
-    digest = hash_tensors([*module.kv().values(), pipe.text_encoder.get_input_embeddings().weight]).hexdigest()
+    digest = hash_tensors([*kv.values(), emb]).hexdigest()
     digests = [None] * world
     dist.all_gather_object(digests, digest)
     checks["K/V and token embeddings identical on every rank"] = len(set(digests)) == 1
-    after = {n: p.detach().cpu() for n, p in module.kv().items()}
-    checks["entries outside the mask unchanged"] = all(torch.equal(after[n][~masks[n]], before[n][~masks[n]]) for n in masks)
-    checks["entries inside the mask trained"] = any(not torch.equal(after[n][masks[n]], before[n][masks[n]]) for n in masks)
+    after = {n: p.detach().cpu() for n, p in kv.items()}
+    cpu_masks = {n: m.cpu() for n, m in masks.items()}
+    checks["entries outside the mask unchanged"] = all(torch.equal(after[n][~cpu_masks[n]], before[n][~cpu_masks[n]]) for n in masks)
+    checks["entries inside the mask trained"] = any(not torch.equal(after[n][cpu_masks[n]], before[n][cpu_masks[n]]) for n in masks)
     # ranks drew different samples: compare the first sampled indices of each rank's loader
     first = list(iter(dm.train_dataloader().sampler))[:6]
     firsts = [None] * world
     dist.all_gather_object(firsts, first)
     checks["each rank samples its own data"] = len({tuple(f) for f in firsts}) == world
-    # every rank calls save_stage (as the loop does), each into its own folder: only rank 0's appears
-    save_stage(stage_dir(root / f"run{rank}", 0, "c0"), dict(module.kv()), [module.concept_masks("c01")],
-               pipe.text_encoder.get_input_embeddings().weight[ids["c0"]], {}, {"concept": "c0"}, initial=module.kv_initial())
+    # every rank calls write_stage (as the loop does), each into its own folder: only rank 0's appears
+    files = StageFiles(tensors={"kv.safetensors": kv_file(dict(kv), initial, [masks]), "masks.safetensors": mask_file(masks),
+                                "token.safetensors": ({"embedding": emb[ids["c0"]].detach().float().cpu()}, None)})
+    write_stage(stage_dir(root / f"run{rank}", 0, "c0"), files, {"concept": "c0"})
     dist.barrier()
     written = [r for r in range(world) if (stage_dir(root / f"run{r}", 0, "c0") / "manifest.json").is_file()]
     checks["only rank 0 writes the stage folder"] = written == [0]

@@ -1,7 +1,7 @@
 """Correctness on the GPU (issue 5): `python experiments/check_gpu.py` on a CUDA machine.
 
 On the ``tiny`` pipeline, two masked stages (the second with L_reg active) run through the real
-code path (CNSModule + ConceptDataModule + Lightning Trainer) on:
+code path (ContinualModule + a masked stage + ConceptDataModule + Lightning Trainer) on:
 
   cpu fp32 (the reference) | cuda fp32 (TF32 off) | cuda bf16-mixed | cuda bf16-mixed + SpeedUps
   (torch.compile + channels-last, the conf/trainer/gpu.yaml setting)
@@ -12,7 +12,7 @@ and checks, for every GPU run:
   2. the stage's result matches the CPU path: ||dW_gpu - dW_cpu|| / ||dW_cpu|| over the K/V and
      over the token rows (dW = change over the two stages), and the per-step losses;
   3. a NaN inside the mask is reported as NonFiniteLossError (sync-free check, read later).
-The noise and timesteps are drawn on the CPU (CNSModule._host_random), so all runs see the same
+The noise and timesteps are drawn on the CPU (ContinualModule._host_random), so all runs see the same
 random numbers. Prints a table and exits non-zero on a failure.
 """
 
@@ -28,11 +28,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import make_concept_folder  # noqa: E402  (random concept images, as the tests use)
 
-from cns_lightning.concepts import Concept, write_random_concept_folder  # noqa: E402
+from cns_lightning.concepts import Concept  # noqa: E402
+from cns_lightning.methods.stage import masked_stage  # noqa: E402
 from cns_lightning.data import ConceptDataModule  # noqa: E402
 from cns_lightning.models import build_random_pipeline, cross_attention_kv  # noqa: E402
-from cns_lightning.module import CNSModule, NonFiniteLossError  # noqa: E402
+from cns_lightning.module import ContinualModule, NonFiniteLossError  # noqa: E402
 from cns_lightning.speedups import SpeedUps  # noqa: E402
 from cns_lightning.tokens import add_concept_tokens  # noqa: E402
 
@@ -63,10 +66,13 @@ def snapshot(pipe) -> dict[str, torch.Tensor]:
 def run(device: str, precision: str, speed: bool, root: Path) -> dict:
     torch.manual_seed(0)
     pipe = build_random_pipeline("tiny")
-    concepts = [Concept(name=f"c{i}", token=f"<new{i + 1}>", class_name="toy", path=write_random_concept_folder(root / f"c{i}", seed=i)) for i in range(2)]
+    concepts = [Concept(name=f"c{i}", token=f"<new{i + 1}>", class_name="toy", path=make_concept_folder(root / f"c{i}", seed=i)) for i in range(2)]
     ids = add_concept_tokens(pipe.tokenizer, pipe.text_encoder, concepts)
     pipe.to(device)
-    module = CNSModule(pipe, lr_neurons=1e-3, lr_token=1e-3, lambda1=1.0, lambda2=1.0)
+    module = ContinualModule(pipe)
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    w0 = {n: p.detach().clone() for n, p in cross_attention_kv(pipe.unet).items()}
+    done = []
     g = torch.Generator().manual_seed(0)
     emb_name = "text." + next(n for n, p in pipe.text_encoder.named_parameters() if p is pipe.text_encoder.get_input_embeddings().weight)
     kv_names = {f"unet.{n}" for n in cross_attention_kv(pipe.unet)}
@@ -74,8 +80,9 @@ def run(device: str, precision: str, speed: bool, root: Path) -> dict:
     losses, violations = [], []
     for m in range(2):
         masks = {n: (torch.rand(p.shape, generator=g) < 0.2) for n, p in cross_attention_kv(pipe.unet).items()}
-        module.add_masks(f"c{m}", masks)
-        module.begin_stage(f"c{m}", [ids[concepts[m].name]], earlier=[f"c{i}" for i in range(m)])
+        masks = {n: mk.to(pipe.unet.device) for n, mk in masks.items()}
+        module.begin_stage(masked_stage(f"c{m}", pipe.unet, emb, [ids[concepts[m].name]], masks, done, w0, 1e-3, 1e-3, 1.0, 1.0))
+        done.append(masks)
         L.seed_everything(m, verbose=False)
         dm = ConceptDataModule(concepts[m], pipe.tokenizer, 32, steps=STEPS, batch_size=2, vae=pipe.vae, seed=m,
                                prior_images=concepts[m].image_paths(), prior_prompt="a toy")
@@ -91,7 +98,7 @@ def run(device: str, precision: str, speed: bool, root: Path) -> dict:
         for name, b in before.items():
             a = after[name]
             if name in kv_names:
-                mk = masks[name[len("unet."):]]
+                mk = masks[name[len("unet."):]].cpu()
                 if not torch.equal(a[~mk], b[~mk]):
                     violations.append(f"stage {m + 1}: {name} changed outside its mask")
             elif name == emb_name:
@@ -115,8 +122,8 @@ def run(device: str, precision: str, speed: bool, root: Path) -> dict:
         idx = masks[first].nonzero()[0]
         with torch.no_grad():
             cross_attention_kv(pipe.unet)[first][tuple(idx.tolist())] = float("nan")
-        module.add_masks("nan", masks)
-        module.begin_stage("nan", [ids[concepts[0].name]], earlier=[])
+        masks = {n: mk.to(pipe.unet.device) for n, mk in masks.items()}
+        module.begin_stage(masked_stage("nan", pipe.unet, emb, [ids[concepts[0].name]], masks, [], w0, 1e-3, 1e-3, 1.0, 1.0))
         dm = ConceptDataModule(concepts[0], pipe.tokenizer, 32, steps=5, batch_size=2, vae=pipe.vae, seed=0)
         trainer = L.Trainer(max_steps=5, accelerator="gpu", devices=1, precision=precision, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -9,12 +9,28 @@ from pathlib import Path
 
 import pytest
 
-from cns_lightning.concepts import write_random_concept_folder
-
 ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
 
-# A concept folder of n distinct random RGB images (and optional .txt captions).
-make_concept_folder = write_random_concept_folder
+
+def make_concept_folder(folder: str | os.PathLike, n: int = 3, seed: int = 0, size: int = 48,
+                        captions: list[str] | None = None) -> Path:
+    """A concept folder of ``n`` distinct random RGB images (``size`` px, one base colour per
+    ``seed`` plus noise) and, with ``captions``, their .txt captions: data for tests and checks
+    (here and experiments/check_gpu.py), no download."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=3)
+    for i in range(n):
+        arr = np.clip(base + rng.normal(0, 40, size=(size, size, 3)), 0, 255).astype("uint8")
+        Image.fromarray(arr).save(folder / f"{i:02d}.png")
+        if captions:
+            (folder / f"{i:02d}.txt").write_text(captions[i % len(captions)])
+    return folder
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -62,3 +78,12 @@ def run_cli(args: list[str], env: dict, module: str = "cns_lightning", check: bo
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
     return proc
+
+
+def compose_cfg(tmp_path: Path, overrides: list[str]):
+    """The CLI's config (same files, same overrides; ``hydra.compose`` in-process) with the run
+    folder and caches under tmp_path."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[*overrides, f"paths.run_dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"])

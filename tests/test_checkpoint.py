@@ -9,21 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from cns_lightning import checkpoint as ck
 from cns_lightning.checkpoint import (
     MANIFEST,
     CheckpointError,
+    atomic_folder,
     atomic_write_bytes,
     disk_free_check,
     load_json,
     load_tensors,
-    pack_mask,
     save_json,
     save_tensors,
-    unpack_mask,
     verify_folder,
     write_manifest,
 )
@@ -125,42 +122,6 @@ def test_json_errors(tmp_path):
         load_json(tmp_path / "bin.json")
 
 
-@pytest.mark.parametrize("shape", [(7, 13), (1,), (8,), (9,), (3, 5, 7), (0,), (320, 768)])
-def test_mask_packing_round_trip(shape):
-    mask = torch.rand(shape, generator=torch.Generator().manual_seed(1)) > 0.5
-    packed = pack_mask(mask)
-    n = mask.numel()
-    assert packed.dtype == torch.uint8 and packed.shape == ((n + 7) // 8,)
-    out = unpack_mask(packed, mask.shape)
-    assert out.dtype == torch.bool and out.shape == mask.shape and out.equal(mask)
-
-
-def test_mask_packing_layout_and_errors():
-    mask = torch.tensor([True, False, False, False, False, False, False, True, True])
-    assert pack_mask(mask).tolist() == [0b10000001, 0b10000000]  # MSB first, zero padding
-    with pytest.raises(TypeError, match="torch.bool"):
-        pack_mask(mask.float())
-    with pytest.raises(ValueError, match="cannot hold a mask of shape"):
-        unpack_mask(pack_mask(mask), (5, 5))
-    with pytest.raises(ValueError, match="uint8"):
-        unpack_mask(pack_mask(mask).to(torch.int16), (9,))
-
-
-@settings(max_examples=30, deadline=None)
-@given(st.lists(st.booleans(), min_size=1, max_size=200), st.integers(1, 4))
-def test_mask_packing_fuzz(bits, rows):
-    mask = torch.tensor(bits * rows).reshape(rows, len(bits))
-    assert unpack_mask(pack_mask(mask), mask.shape).equal(mask)
-
-
-def test_packed_mask_survives_safetensors(tmp_path):
-    mask = torch.rand(7, 13, generator=torch.Generator().manual_seed(2)) > 0.3
-    sha = save_tensors(tmp_path / "m.safetensors", {"mask": pack_mask(mask)},
-                       metadata={"shape": json.dumps(list(mask.shape))})
-    packed = load_tensors(tmp_path / "m.safetensors", expected_sha256=sha)["mask"]
-    assert unpack_mask(packed, (7, 13)).equal(mask)
-
-
 # ----------------------------------------------------------------------------------------------
 # manifests
 
@@ -170,7 +131,7 @@ def _stage(tmp_path: Path) -> Path:
     files = {
         "weights.safetensors": save_tensors(stage / "weights.safetensors", _tensors()),
         "masks/dog.safetensors": save_tensors(stage / "masks" / "dog.safetensors",
-                                              {"k": pack_mask(torch.ones(7, 13, dtype=torch.bool))}),
+                                              {"k": torch.ones(12, dtype=torch.uint8)}),
         "state.json": save_json(stage / "state.json", {"step": 500}),
     }
     assert verify_folder(stage) is False  # no manifest yet: incomplete stage
@@ -333,3 +294,27 @@ def test_hash_tensors_depends_on_values_only():
     assert hash_tensors([b]).hexdigest() != hash_tensors([a]).hexdigest()
     h = hashlib.sha256(b"prefix")  # feeds a given hash and returns it
     assert hash_tensors([a], h) is h and h.hexdigest() == hashlib.sha256(b"prefix" + a.numpy().tobytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic folders
+
+
+def test_atomic_folder_appears_complete_or_not_at_all(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_folder(target) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("boom")
+    assert not target.exists() and list(tmp_path.iterdir()) == []  # the temporary folder is gone too
+    with atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+        assert not target.exists()
+    assert (target / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError):  # a failed rewrite leaves the old folder untouched
+        with atomic_folder(target) as tmp:
+            raise RuntimeError("boom")
+    assert (target / "a.txt").read_text() == "one"
+    with atomic_folder(target, temp=tmp_path / "out.partial") as tmp:  # a fixed temporary name, emptied first
+        (tmp / "b.txt").write_text("two")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -73,14 +73,15 @@ def _wrap(owner, attr: str, nth: int, when: str) -> None:
 
 
 def install_kill_point(point: tuple) -> None:
-    from cns_lightning import continual, state
-    from cns_lightning.module import CNSModule
+    from cns_lightning import state
+    from cns_lightning.methods.cns import CNS
+    from cns_lightning.module import ContinualModule
 
     kind, nth = point
     if kind == "select":  # masks computed, not yet registered
-        _wrap(continual, "select_masks", nth, "after")
+        _wrap(CNS, "select", nth, "after")
     elif kind == "train":  # at step nth of the first fit of this process
-        _wrap(CNSModule, "training_step", nth, "before")
+        _wrap(ContinualModule, "training_step", nth, "before")
     elif kind == "save":  # nth of the stage's 3 tensor files written, no manifest
         _wrap(state, "save_tensors", nth, "after")
     elif kind == "manifest":  # manifest written in <stage>.partial, folder not yet renamed
@@ -119,15 +120,15 @@ def cli_child(args: list[str], env: dict, point: tuple | None, stack_path: str, 
 
 
 # ---------------------------------------------------------------- test side
-# what ``run`` was calling (the frame just inside continual.run) -> phase
+# what the loop (the innermost function of continual.py on the stack) was calling -> phase
 PHASES = {
     "instantiate": "model build", "build_random_pipeline": "model build", "add_concept_tokens": "tokens",
-    "check_concept_inputs": "input checks", "check_outputs_fit": "disk check", "prior_images": "prior images",
-    "encode_norms": "calibration", "calibration_prompts": "calibration", "completed_stages": "restore",
-    "apply_stage": "restore", "make_evaluator": "evaluation", "before_training": "evaluation",
-    "after_stage": "evaluation", "finish": "evaluation", "select_masks": "selection", "fit": "training",
-    "save_stage": "saving", "save_json": "saving", "atomic_write_bytes": "writing config.yaml",
-    "check_run_folder": "run folder check", "check_config_values": "input checks",
+    "check_token_in_captions": "tokens", "check_concept_inputs": "input checks", "check_config_values": "input checks",
+    "build_method": "input checks", "check_outputs_fit": "disk check", "prior_images": "prior images",
+    "calibration_prompts": "calibration", "completed_stages": "restore", "load": "restore", "setup": "restore",
+    "make_evaluator": "evaluation", "before_training": "evaluation", "after_stage": "evaluation", "evaluate": "evaluation", "finish": "evaluation",
+    "begin_stage": "selection", "fit_stage": "training", "fit": "training", "end_stage": "saving", "write_stage": "saving", "save_json": "saving",
+    "ranks_agree": "saving", "atomic_write_bytes": "writing config.yaml", "check_run_folder": "run folder check",
 }
 
 
@@ -136,9 +137,9 @@ def phase_of(dump: str) -> str:
     frames = [line.rsplit(" in ", 1)[-1] for line in dump.splitlines() if line.startswith("  File ")]
     files = [line for line in dump.splitlines() if line.startswith("  File ")]
     for k, line in enumerate(files):
-        if "cns_lightning/continual.py" in line and line.endswith(" in run"):
+        if "cns_lightning/continual.py" in line:
             callee = [f for f in frames[:k] if f not in ("decorate_context", "wrapper", "_fn", "inner")]
-            return PHASES.get(callee[-1], f"run: {callee[-1]}") if callee else "run"
+            return PHASES.get(callee[-1], f"run: {callee[-1]}") if callee else f"run: {frames[k]}"
     return "Hydra startup" if dump.strip() else "process start"
 
 

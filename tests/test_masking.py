@@ -59,7 +59,7 @@ def test_masked_adam_with_closure_and_gathered_grads_for_clipping():
         opt.zero_grad()
         loss = _loss(w, e, tw, te)
         loss.backward()
-        opt.gather_grads()  # as CNSModule.on_after_backward does
+        opt.gather_grads()  # as MaskedStage.after_backward does
         compact = opt.param_groups[0]["params"][0]
         assert compact.grad is not None and compact.grad.numel() == int(mask.sum())
         torch.nn.utils.clip_grad_norm_([compact], 1e-3)

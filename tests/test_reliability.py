@@ -16,24 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from cns_lightning import continual
 from cns_lightning.concepts import ConceptError
 from cns_lightning.images import ImageInputError
-from cns_lightning.module import CNSModule
+from cns_lightning.module import ContinualModule
 from cns_lightning.preflight import ConfigValueError, output_bytes
-from conftest import FAST, ROOT, concepts_override, make_concept_folder, run_cli
+from conftest import FAST, ROOT, compose_cfg, concepts_override, make_concept_folder, run_cli
 
 FAST_INPROC = [*FAST, "~logger"]
 
-
-
-def compose_cfg(tmp_path: Path, overrides: list[str]):
-    """The CLI's config (same files, same overrides) with the run folder under tmp_path."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=[*overrides, f"paths.run_dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"])
 
 
 def stage_names(run: Path) -> list[str]:
@@ -344,7 +337,7 @@ def test_gpu_out_of_memory_names_the_knobs(tmp_path, concept_dirs, monkeypatch, 
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     if where == "fit":
-        monkeypatch.setattr(CNSModule, "training_step", oom)
+        monkeypatch.setattr(ContinualModule, "training_step", oom)
     else:
         monkeypatch.setattr("diffusers.StableDiffusionPipeline.__call__", oom)
     cfg = compose_cfg(tmp_path, [concepts_override(concept_dirs[:1]), *FAST_INPROC, "method.steps=1"])

@@ -33,7 +33,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from .continual import run, teardown_distributed
+    from .continual import run
+    from .distributed import teardown_distributed
 
     run(cfg)
     teardown_distributed()

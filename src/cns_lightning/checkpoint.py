@@ -1,4 +1,4 @@
-"""Crash-safe files for stage outputs: atomic writes, hashed safetensors, JSON, packed masks.
+"""Crash-safe files for stage outputs: atomic file and folder writes, hashed safetensors, JSON.
 
 A stage folder is complete when its ``manifest.json`` exists and every file it lists has the
 recorded sha256. The manifest is written last (:func:`write_manifest`), so a crash at any point
@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
@@ -27,16 +26,16 @@ from safetensors.torch import save as _st_save
 __all__ = [
     "MANIFEST",
     "CheckpointError",
+    "atomic_folder",
     "atomic_write_bytes",
     "disk_free_check",
     "hash_tensors",
     "load_json",
     "load_tensors",
-    "pack_mask",
     "save_json",
     "save_tensors",
     "sha256_bytes",
-    "unpack_mask",
+    "replace_folder",
     "verify_folder",
     "write_manifest",
 ]
@@ -121,6 +120,51 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def replace_folder(tmp: Path, target: Path) -> None:
+    """Move the finished folder ``tmp`` onto ``target`` (same parent), replacing what is there:
+    readers see the old folder or the new one, never a mix. The old one is renamed aside first
+    (``.<name>.old-<pid>``) and removed after; if the rename fails it is put back."""
+    tmp, target = Path(tmp), Path(target)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        if old is not None and not target.exists():
+            os.rename(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(target.parent)
+
+
+@contextmanager
+def atomic_folder(target: Path, temp: Path | None = None):
+    """Write a folder that appears complete or not at all (stage folders, exports, generated images,
+    prior images): yields a fresh temporary folder beside ``target`` (``temp``, emptied first, or a
+    new hidden ``.<name>.*.partial``); when the block ends it replaces ``target``
+    (:func:`replace_folder`); on an error it is removed and ``target`` is untouched."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if temp is None:
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    else:
+        tmp = Path(temp)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    try:
+        yield tmp
+        replace_folder(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _missing(path: Path, stage: Path) -> CheckpointError:
@@ -222,30 +266,6 @@ def load_json(path: Path) -> Any:
             f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}). "
             f"Fix: {_redo(path.parent)}."
         ) from exc
-
-
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a boolean mask into a flat ``uint8`` tensor, 8 entries per byte (row-major, MSB first).
-
-    Keep the mask's shape to unpack it; the last byte is zero-padded.
-    """
-    if mask.dtype != torch.bool:
-        raise TypeError(f"pack_mask needs a torch.bool tensor, got {mask.dtype}")
-    bits = mask.detach().cpu().contiguous().reshape(-1).numpy()
-    return torch.from_numpy(np.packbits(bits))
-
-
-def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    """Inverse of :func:`pack_mask`: a ``torch.bool`` tensor of ``shape`` (on CPU)."""
-    shape = tuple(int(s) for s in shape)
-    count = math.prod(shape)
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (count + 7) // 8:
-        raise ValueError(
-            f"packed mask of dtype {packed.dtype} and shape {tuple(packed.shape)} cannot hold a "
-            f"mask of shape {shape}: expected uint8 of shape ({(count + 7) // 8},)"
-        )
-    bits = np.unpackbits(packed.detach().cpu().numpy(), count=count)
-    return torch.from_numpy(bits.astype(bool)).reshape(shape)
 
 
 def _check_name(folder: Path, name: str) -> Path:

@@ -188,23 +188,3 @@ def concepts_from_config(entries: Any) -> list[Concept]:
                 )
             seen[v] = i
     return concepts
-
-
-def write_random_concept_folder(folder: str | os.PathLike, n: int = 3, seed: int = 0, size: int = 48,
-                                captions: list[str] | None = None) -> Path:
-    """A concept folder of ``n`` distinct random RGB images (``size`` px, one base colour per
-    ``seed`` plus noise) and, with ``captions``, their .txt captions: data for tests and checks
-    (tests/conftest.py, experiments/check_gpu.py), no download."""
-    import numpy as np
-    from PIL import Image
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, size=3)
-    for i in range(n):
-        arr = np.clip(base + rng.normal(0, 40, size=(size, size, 3)), 0, 255).astype("uint8")
-        Image.fromarray(arr).save(folder / f"{i:02d}.png")
-        if captions:
-            (folder / f"{i:02d}.txt").write_text(captions[i % len(captions)])
-    return folder

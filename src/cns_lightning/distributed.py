@@ -165,3 +165,46 @@ class MaskedDDPStrategy(DDPStrategy):
 
     def _register_ddp_hooks(self) -> None:
         self.model.register_comm_hook(MaskedGradState(self), masked_allreduce_hook)
+
+
+def is_main_rank() -> bool:
+    """True outside torch.distributed and on rank 0 (the only rank that writes or evaluates)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def ranks_agree(tensors: list) -> tuple:
+    """(world size, sha256 of ``tensors``) after checking that every torch.distributed rank holds
+    the same values (DDP must leave identical weights on every rank); raises ``RuntimeError`` naming
+    the ranks' digests if not. Outside torch.distributed: (1, "") and nothing is hashed."""
+    from .checkpoint import hash_tensors
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, ""
+    digest = hash_tensors(tensors).hexdigest()[:16]
+    digests: list = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"the ranks' trained weights differ after DDP (sha256 per rank: {digests}); nothing of this stage was saved")
+    return len(digests), digest
+
+
+def setup_distributed(device: torch.device) -> torch.device:
+    """Under torchrun (trainer=ddp): one GPU per rank, and the process group made early so prior
+    generation can be split over ranks (Lightning reuses the group)."""
+    import os
+
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def teardown_distributed() -> None:
+    """After a completed run: wait for every rank, then close the process group (left open, its
+    threads can abort the interpreter at exit: "terminate called without an active exception"),
+    so a next Hydra job in this process starts a fresh one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

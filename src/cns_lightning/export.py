@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, atomic_folder
 from .concepts import Concept, ConceptError
 from .restore import CONFIG, RestoreError, check_stage, load_run, read_run
 
@@ -127,10 +125,7 @@ def export_pipeline(run_dir: str | Path, out_dir: str | Path, stage: int | None 
     _refuse_target(out_dir, run_dir, overwrite)
     pipe, learned = load_run(run_dir, stage, device=device, tokens="learned")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"))
-    old = None
-    try:
+    with atomic_folder(out_dir) as tmp:  # checked above: out_dir absent, empty, or non-empty with overwrite=True
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_legacy_vocab(tmp / "tokenizer")
         (tmp / CARD).write_text(model_card(run_dir.resolve(), stage, len(info.concepts), learned, info.cfg), encoding="utf-8")
@@ -146,18 +141,6 @@ def export_pipeline(run_dir: str | Path, out_dir: str | Path, stage: int | None 
             encoding="utf-8",
         )
         _normal_modes(tmp)
-        if out_dir.exists():
-            # checked above: empty, or non-empty with overwrite=True
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not out_dir.exists():
-            os.rename(old, out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 

@@ -16,14 +16,12 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, atomic_folder
 from .concepts import ConceptError
 from .restore import RestoreError, RunInfo, check_stage, load_run, read_run
 
@@ -103,9 +101,7 @@ def generate(
     pipe, learned = load_run(info.run_dir, stage, device=dev)
     pipe.set_progress_bar_config(disable=True)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
-    try:
+    with atomic_folder(out) as tmp:  # checked above: out absent, empty, or --overwrite
         records = []
         for pi, prompt in enumerate(prompts):
             files = []
@@ -130,16 +126,6 @@ def generate(
         )
         (tmp / "prompts.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         os.chmod(tmp, 0o755)
-        if out.exists():  # checked above: empty, or --overwrite
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .masking import union_masks
+
 
 def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The denoising loss E||eps - eps_theta(x_t, t, c)||^2 (mean squared error, fp32)."""
@@ -70,12 +72,10 @@ def overlap_masks(
     """M of Eq. 7: mask_m AND (OR of the earlier masks), per layer (empty dict if no earlier masks)."""
     if not earlier:
         return {}
+    union = union_masks(earlier)
     out = {}
     for name, m in current.items():
-        union = torch.zeros_like(m)
-        for e in earlier:
-            union |= e[name]
-        both = m & union
+        both = m & union[name]
         if both.any():
             out[name] = both
     return out

@@ -20,6 +20,15 @@ def row_mask(num_rows: int, rows: list[int], device=None) -> torch.Tensor:
     return m
 
 
+def union_masks(masks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per layer, the OR of several sets of masks (new tensors; ``masks`` must not be empty)."""
+    out = {n: m.clone() for n, m in masks[0].items()}
+    for d in masks[1:]:
+        for n in out:
+            out[n] |= d[n]
+    return out
+
+
 def flat_indices(mask: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     """Flat (row-major) int64 indices of the True entries of ``mask`` broadcast to ``shape``."""
     return mask.expand(shape).reshape(-1).nonzero().squeeze(1)

@@ -1,13 +1,15 @@
-"""The LightningModule: an SD UNet + text encoder with per-concept mask buffers.
+"""The LightningModule: the diffusion training step of an SD UNet + text encoder, for any method.
 
 One module lives through the whole continual sequence (one model holds every concept). Before
-each stage the loop calls ``begin_stage`` with the concept's masks and token; ``Trainer.fit``
-then trains only those K/V entries and that token row; ``end_stage`` removes the hooks.
+each stage the loop hands it the method's stage (``begin_stage(stage)``, a
+``methods.stage.TrainingStage``): what trains, with which optimizer, which extra loss term (L_reg
+of CNS) and hooks after the backward; ``Trainer.fit`` then runs the generic step here (diffusion
+loss + prior preservation, Eq. 8); ``end_stage`` freezes everything again.
 
-Speed (GPU): ``MaskedAdam`` keeps optimizer state only for the masked entries; the prior prompt's
-text embedding (none of its tokens train) is computed once per stage; the NaN check and the
-logged metrics travel to the host asynchronously (no per-step host sync); ``enable_speedups``
-(``speedups.SpeedUps`` callback) adds ``torch.compile`` and channels-last. See docs/benchmarks.md.
+Speed (GPU): the prior prompt's text embedding (none of its tokens train) is computed once per
+stage; the NaN check and the logged metrics travel to the host asynchronously (no per-step host
+sync); ``enable_speedups`` (``speedups.SpeedUps`` callback) adds ``torch.compile`` and
+channels-last. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -16,47 +18,16 @@ import lightning as L
 import torch
 from diffusers import DDPMScheduler
 
-from .losses import overlap_masks, prior_preservation_loss, regularization_loss
-from .masking import MaskedAdam, flat_indices, row_mask
-from .models import cross_attention_kv
+from .losses import prior_preservation_loss
+from .methods.stage import TrainingStage
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf; the stage is abandoned and the last good stage kept."""
 
 
-def _buffer_key(layer: str) -> str:
-    return layer.replace(".", "__")
-
-
-class MaskSet(torch.nn.Module):
-    """One concept's masks, as registered buffers (so they are in the module's state_dict)."""
-
-    def __init__(self, masks: dict[str, torch.Tensor]):
-        super().__init__()
-        self.layers = list(masks)
-        for name, m in masks.items():
-            self.register_buffer(_buffer_key(name), m.bool().clone())
-
-    def as_dict(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, _buffer_key(name)) for name in self.layers}
-
-
-class CNSModule(L.LightningModule):
-    def __init__(
-        self,
-        pipe,
-        lr_neurons: float = 3e-5,
-        lr_token: float = 5e-4,
-        prior_weight: float = 1.0,
-        lambda1: float = 1.0,
-        lambda2: float = 1.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        nan_check_every: int = 1,
-        log_every: int = 10,
-        cache_prior_text: bool = True,
-    ):
+class ContinualModule(L.LightningModule):
+    def __init__(self, pipe, prior_weight: float = 1.0, nan_check_every: int = 1, log_every: int = 10, cache_prior_text: bool = True):
         super().__init__()
         self.unet = pipe.unet
         self.text_encoder = pipe.text_encoder
@@ -66,20 +37,12 @@ class CNSModule(L.LightningModule):
         for m in (self.unet, self.text_encoder, self.vae):
             m.requires_grad_(False)
         self.vae.eval()
-        self.hp = dict(
-            lr_neurons=lr_neurons, lr_token=lr_token, prior_weight=prior_weight, lambda1=lambda1,
-            lambda2=lambda2, betas=tuple(betas), eps=eps,
-        )
+        self.prior_weight = float(prior_weight)
         self.nan_check_every = max(1, int(nan_check_every))
         self.log_every = max(1, int(log_every))
-        self.kv_names = list(cross_attention_kv(self.unet))
-        self.masks = torch.nn.ModuleDict()  # concept key -> MaskSet (registered buffers)
-        # W_0 of Eq. 7: the K/V weights before any concept (non-persistent: they are the base model).
-        for i, (_, p) in enumerate(cross_attention_kv(self.unet).items()):
-            self.register_buffer(f"kv_initial_{i}", p.detach().clone(), persistent=False)
         self.step_offset = 0  # global step across stages, for loggers
         self.cache_prior_text = bool(cache_prior_text)
-        self._stage: dict | None = None
+        self.stage: TrainingStage | None = None
         self._fast: dict = {}  # compiled callables (kept out of the module tree and the state_dict)
         self._text_cache: dict[bytes, torch.Tensor] = {}
         self._pending: list = []  # (kind, step, event, host tensor): async NaN flags and metrics
@@ -105,119 +68,31 @@ class CNSModule(L.LightningModule):
             # all its layers): eager, it is hundreds of small kernels and most of a step's host time.
             self._fast["text_encoder"] = torch.compile(self.text_encoder, **kwargs)
 
-    # ------------------------------------------------------------------ state
-    def kv(self) -> dict[str, torch.nn.Parameter]:
-        return cross_attention_kv(self.unet)
-
-    def kv_initial(self) -> dict[str, torch.Tensor]:
-        return {n: getattr(self, f"kv_initial_{i}") for i, n in enumerate(self.kv_names)}
-
-    def add_masks(self, key: str, masks: dict[str, torch.Tensor]) -> None:
-        """Register a concept's masks as buffers (replacing any earlier ones under that key)."""
-        device = next(self.unet.parameters()).device
-        self.masks[key] = MaskSet({n: masks[n].to(device) for n in self.kv_names})
-
-    def concept_masks(self, key: str) -> dict[str, torch.Tensor]:
-        return self.masks[key].as_dict()
-
     # ------------------------------------------------------------------ stage
-    def begin_stage(self, key: str, token_ids: list[int], earlier: list[str], train_kv: bool = True) -> None:
-        """Set up training of concept ``key``: its K/V mask entries and its token rows only.
-
-        ``earlier`` names the concepts learned before, whose masks define M of Eq. 7.
-        """
+    def begin_stage(self, stage: TrainingStage) -> None:
+        """Train ``stage`` (a method's ``begin_stage``) in the next ``Trainer.fit``."""
         self.end_stage()
-        kv = self.kv()
-        masks = self.concept_masks(key)
-        embeddings = self.text_encoder.get_input_embeddings().weight
-        trainable_kv: dict[str, torch.nn.Parameter] = {}
-        for name, p in kv.items():
-            if train_kv and bool(masks[name].any()):
-                p.requires_grad_(True)
-                trainable_kv[name] = p
-        embeddings.requires_grad_(True)
-        overlap = {n: m for n, m in overlap_masks(masks, [self.concept_masks(k) for k in earlier]).items() if n in trainable_kv}
-        initial = self.kv_initial()
-        with torch.no_grad():
-            # Eq. 7 only looks at the entries of M: keep their flat indices and W_{m-1}, W_0 there
-            # (W_{m-1} = the weights now, at the start of stage m).
-            overlap_idx = {n: flat_indices(m, m.shape) for n, m in overlap.items()}
-            previous_c = {n: trainable_kv[n].detach().view(-1)[i] for n, i in overlap_idx.items()}
-            initial_c = {n: initial[n].view(-1)[i] for n, i in overlap_idx.items()}
-        self._stage = dict(
-            key=key, token_ids=list(token_ids), trainable_kv=trainable_kv, embeddings=embeddings,
-            kv_masks={n: masks[n] for n in trainable_kv}, token_mask=row_mask(embeddings.shape[0], token_ids, embeddings.device),
-            overlap=overlap, overlap_idx=overlap_idx, previous_c=previous_c, initial_c=initial_c,
-            optimizer=None, reg=None,
-        )
+        self.stage = stage
         self._text_cache.clear()
         self._pending.clear()
         self._first_bad = None
 
     def end_stage(self) -> None:
-        if self._stage is None:
-            return
-        for p in self.kv().values():
-            p.requires_grad_(False)
-        self.text_encoder.get_input_embeddings().weight.requires_grad_(False)
-        self._stage = None
+        if self.stage is not None:
+            self.stage.end()
+            self.stage = None
 
     # --------------------------------------------------------------- training
     def configure_optimizers(self):
-        if self._stage is None:
+        if self.stage is None:
             raise RuntimeError("begin_stage() must be called before Trainer.fit")
-        stage = self._stage
-        groups = []
-        if stage["trainable_kv"]:
-            pairs = [(p, stage["kv_masks"][n]) for n, p in stage["trainable_kv"].items()]
-            groups.append({"params": pairs, "lr": self.hp["lr_neurons"], "name": "neurons"})
-        groups.append({"params": [(stage["embeddings"], stage["token_mask"])], "lr": self.hp["lr_token"], "name": "token"})
-        # Adam over the masked entries only (no weight decay: nothing outside the masks may move).
-        opt = MaskedAdam(groups, betas=self.hp["betas"], eps=self.hp["eps"])
-        stage["optimizer"] = opt
-        stage["reg"] = None
-        if stage["overlap_idx"]:
-            # Eq. 7 needs only the entries of M: a subset of the compact vector of the "neurons" group.
-            names = list(stage["overlap_idx"])
-            stage["reg"] = dict(
-                pos=torch.cat([opt.positions(0, stage["trainable_kv"][n], stage["overlap"][n]) for n in names]),
-                previous=torch.cat([stage["previous_c"][n].float() for n in names]),
-                initial=torch.cat([stage["initial_c"][n].float() for n in names]),
-                grad=None,
-            )
-        return opt
-
-    def _regularization(self, device) -> torch.Tensor:
-        """L_reg (Eq. 7) on the entries of M, read from the optimizer's compact vector (the same
-        values as the weights there). Its gradient is computed here, on that short vector, and added
-        to the compact gradient in ``on_after_backward``: a handful of kernels instead of a gather,
-        two norms and a scatter per layer."""
-        stage = self._stage
-        reg_state = stage.get("reg")
-        if reg_state is None:  # no optimizer yet (training_step called by hand): per-layer form
-            kv = stage["trainable_kv"]
-            current = {n: kv[n].view(-1)[i] for n, i in stage["overlap_idx"].items()}
-            every = {n: torch.ones((), dtype=torch.bool, device=device) for n in current}
-            return regularization_loss(current, stage["previous_c"], stage["initial_c"], every, self.hp["lambda1"], self.hp["lambda2"])
-        compact = stage["optimizer"].param_groups[0]["params"][0]
-        with torch.enable_grad():
-            c = compact.detach()[reg_state["pos"]].requires_grad_(True)
-            one = {"M": torch.ones((), dtype=torch.bool, device=device)}
-            reg = regularization_loss({"M": c}, {"M": reg_state["previous"]}, {"M": reg_state["initial"]}, one, self.hp["lambda1"], self.hp["lambda2"])
-            reg_state["grad"] = torch.autograd.grad(reg, c)[0] if reg.requires_grad else None
-        return reg.detach()
+        return self.stage.configure_optimizer()
 
     def on_after_backward(self) -> None:
-        opt = self._stage["optimizer"] if self._stage else None
-        if opt is not None:
-            opt.gather_grads()  # gradient clipping / grad-norm callbacks then see the compact grads
-            reg_state = self._stage.get("reg")
-            if reg_state is not None and reg_state["grad"] is not None:
-                # Lightning divides each micro-batch's loss by accumulate_grad_batches: so does L_reg's
-                # gradient, which then enters an optimizer step once whatever the accumulation.
-                micro = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
-                opt.param_groups[0]["params"][0].grad.index_add_(0, reg_state["pos"], reg_state["grad"], alpha=1.0 / micro)
-                reg_state["grad"] = None
+        if self.stage is not None:
+            # Lightning divides each micro-batch's loss by accumulate_grad_batches: the stage's own
+            # gradient terms (L_reg) are scaled the same way.
+            self.stage.after_backward(self._trainer.accumulate_grad_batches if self._trainer is not None else 1)
 
     def on_fit_start(self) -> None:
         # DDP: every rank starts from the same seed; give each its own noise, timesteps and flips.
@@ -228,10 +103,10 @@ class CNSModule(L.LightningModule):
         """Mark a batch whose prior prompts are one prompt with no trainable token (still on the CPU,
         so no host sync): its text embedding is computed once per stage (``_prior_condition``)."""
         ids = batch.get("prior_input_ids") if isinstance(batch, dict) else None
-        if not self.cache_prior_text or self._stage is None or ids is None or ids.device.type != "cpu":
+        if not self.cache_prior_text or self.stage is None or ids is None or ids.device.type != "cpu":
             return batch
         first = ids[:1]
-        trainable = torch.tensor(self._stage["token_ids"], dtype=ids.dtype)
+        trainable = torch.tensor(self.stage.token_ids, dtype=ids.dtype)
         if bool((ids == first).all()) and not bool(torch.isin(first, trainable).any()):
             batch["prior_text_key"] = first.numpy().tobytes()
         return batch
@@ -285,14 +160,13 @@ class CNSModule(L.LightningModule):
         target = noise if self.noise_scheduler.config.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
         n = batch["instance_input_ids"].shape[0]
         if has_prior:
-            loss, concept_term, prior_term = prior_preservation_loss(pred[:n], target[:n], pred[n:], target[n:], self.hp["prior_weight"])
+            loss, concept_term, prior_term = prior_preservation_loss(pred[:n], target[:n], pred[n:], target[n:], self.prior_weight)
         else:
             loss = concept_term = torch.nn.functional.mse_loss(pred.float(), target.float())
             prior_term = torch.zeros((), device=loss.device)
-        reg = torch.zeros((), device=loss.device)
-        stage = self._stage
-        if stage["overlap_idx"]:
-            reg = self._regularization(loss.device)  # Eq. 7 on the entries of M only (zero elsewhere)
+        reg = self.stage.extra_loss(loss.device)  # the method's own term: L_reg (Eq. 7) for CNS
+        if reg is None:
+            reg = torch.zeros((), device=loss.device)
         total = loss + reg
         step = self.global_step
         if step % self.nan_check_every == 0:
@@ -335,7 +209,7 @@ class CNSModule(L.LightningModule):
             self._pending.pop(0)
             if kind == "nan" and host[0] >= 0:
                 self._pending.clear()
-                key = self._stage["key"] if self._stage else "?"
+                key = self.stage.key if self.stage else "?"
                 raise NonFiniteLossError(
                     f"training loss became non-finite at step {int(host[0])} of concept {key!r} "
                     f"(loss {float(host[1])} at step {step})"

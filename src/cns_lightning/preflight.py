@@ -1,7 +1,8 @@
 """Checks a run makes before it writes anything: config values, concept inputs, disk space.
 
-* :func:`check_config_values` - every numeric/boolean knob the loop reads has the right type and
-  range (``method.steps=abc`` fails here, naming the field, not deep inside the Trainer).
+* :func:`check_config_values` - every declared knob (``knobs.py``: the run's, and the method's own
+  from its class) has the right type and range, and ``method`` holds no key its method does not
+  declare (``method.steps=abc`` fails here, naming the field, not deep inside the Trainer).
 * :func:`check_concept_inputs` - every concept folder exists and holds images, every image
   decodes (after the repairs :func:`cns_lightning.images.load_image` documents), captions match
   the images. Images smaller than the training resolution are upscaled, with a warning.
@@ -24,49 +25,14 @@ from omegaconf import DictConfig
 from .checkpoint import disk_free_check
 from .concepts import Concept
 from .images import load_image
-from .prior import PRECISIONS
+from .knobs import Knob, knobs_of
+from .methods import MethodConfigError, method_class
 
 __all__ = ["ConfigValueError", "check_concept_inputs", "check_config_values", "check_disk_space", "oom_message", "output_bytes"]
 
 
 class ConfigValueError(ValueError):
     """A config value of the wrong type or out of range; the message names the key and the fix."""
-
-
-# key -> (kind, lower bound, upper bound); bounds inclusive, None: unbounded
-_KNOBS: dict[str, tuple[str, float | None, float | None]] = {
-    "seed": ("int", 0, None),
-    "nan_check_every": ("int", 1, None),
-    "method.steps": ("int", 1, None),
-    "method.lr_neurons": ("float", 0.0, None),
-    "method.lr_token": ("float", 0.0, None),
-    "method.lambda1": ("float", 0.0, None),
-    "method.lambda2": ("float", 0.0, None),
-    "method.prior_weight": ("float", 0.0, None),
-    "model.kv_lr_scale": ("float", 0.0, None),
-    "model.token_lr_scale": ("float", 0.0, None),
-    "data.resolution": ("int", 8, None),
-    "data.batch_size": ("int", 1, None),
-    "data.num_workers": ("int", 0, None),
-    "data.flip_p": ("float", 0.0, 1.0),
-    "data.cache_latents": ("bool", None, None),
-    "data.random_crop": ("bool", None, None),
-    "prior.enabled": ("bool", None, None),
-    "prior.num_images": ("int", 0, None),
-    "prior.num_inference_steps": ("int", 1, None),
-    "prior.guidance_scale": ("float", None, None),
-    "prior.batch_size": ("int", 1, None),
-    "prior.compile": ("bool", None, None),
-    "resume": ("bool", None, None),
-    "min_free_bytes": ("int", 0, None),
-    "trainer.strategy.sigterm_check_every_n_steps": ("int", 1, None),  # trainer=ddp_compact
-}
-
-
-# key -> the values it may take
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "prior.precision": PRECISIONS,
-}
 
 
 def _lookup(cfg: DictConfig, key: str):
@@ -78,41 +44,72 @@ def _lookup(cfg: DictConfig, key: str):
     return node
 
 
-def check_config_values(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigValueError` for the first knob of the wrong type or out of range."""
-    for key, allowed in _CHOICES.items():
-        v = _lookup(cfg, key)
-        if v is not None and v not in allowed:
-            raise ConfigValueError(f"{key}={v!r}: expected one of {', '.join(allowed)}. Fix the override or config file, e.g. {key}={allowed[0]}")
-    for key, (kind, lo, hi) in _KNOBS.items():
-        v = _lookup(cfg, key)
-        if v is None:
+def leaf_keys(node, prefix: str = "") -> list[str]:
+    """Dotted keys of every value in a nested config (keys starting with ``_``, as ``_target_``, left out)."""
+    out = []
+    for k, v in node.items():
+        if str(k).startswith("_"):
             continue
-        if kind == "bool":
-            ok = isinstance(v, bool)
-            want = "true or false"
-        elif kind == "int":
-            ok = isinstance(v, int) and not isinstance(v, bool) or (isinstance(v, float) and v.is_integer())
-            want = "a whole number"
-        else:
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-            want = "a finite number"
-        if ok and kind != "bool":
-            x = float(v)
-            if (lo is not None and x < lo) or (hi is not None and x > hi):
-                ok = False
-        if not ok:
-            rng = ""
-            if kind != "bool":
-                rng = f" >= {lo:g}" if lo is not None and hi is None else (f" in [{lo:g}, {hi:g}]" if lo is not None else "")
+        out += leaf_keys(v, f"{prefix}{k}.") if isinstance(v, (dict, DictConfig)) else [f"{prefix}{k}"]
+    return out
+
+
+def check_method_keys(cfg: DictConfig) -> None:
+    """Every key under ``method`` is a knob its method declares (``Method.declared_knobs``)."""
+    if cfg.get("method") is None:
+        return
+    try:
+        cls = method_class(cfg.get("method"))
+    except MethodConfigError as e:
+        raise ConfigValueError(str(e)) from None
+    declared = {k.key for k in cls.declared_knobs()} | {"name"}
+    for key in leaf_keys(cfg.method, ""):
+        if key not in declared:
             raise ConfigValueError(
-                f"{key}={v!r} ({type(v).__name__}): expected {want}{rng}. "
-                f"Fix the override or config file, e.g. {key}={_example(key, kind)}"
+                f"method.{key} is not a knob of method {cfg.method.get('name')!r} ({cls.target()}); "
+                f"its knobs: {', '.join(sorted(declared))}. Fix the override or conf/method/*.yaml."
             )
 
 
-def _example(key: str, kind: str) -> str:
-    return {"bool": "true", "int": "4", "float": "0.5"}[kind] if key not in ("method.steps",) else "500"
+def check_knob(knob: Knob, v) -> None:
+    """Raise :class:`ConfigValueError` if ``v`` is not a valid value of ``knob``."""
+    key, kind, lo, hi = knob.key, knob.kind, knob.lo, knob.hi
+    if kind == "choice":
+        if v not in knob.choices:
+            raise ConfigValueError(f"{key}={v!r}: expected one of {', '.join(knob.choices)}. Fix the override or config file, e.g. {key}={knob.choices[0]}")
+        return
+    if kind == "bool":
+        ok = isinstance(v, bool)
+        want = "true or false"
+    elif kind == "int":
+        ok = isinstance(v, int) and not isinstance(v, bool) or (isinstance(v, float) and v.is_integer())
+        want = "a whole number"
+    else:  # float, float_or_null (null is skipped by the caller)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+        want = "a finite number"
+    if ok and kind != "bool":
+        x = float(v)
+        if (lo is not None and x < lo) or (hi is not None and x > hi):
+            ok = False
+    if not ok:
+        rng = ""
+        if kind != "bool":
+            rng = f" >= {lo:g}" if lo is not None and hi is None else (f" in [{lo:g}, {hi:g}]" if lo is not None else "")
+        example = knob.example or {"bool": "true", "int": "4"}.get(kind, "0.5")
+        raise ConfigValueError(
+            f"{key}={v!r} ({type(v).__name__}): expected {want}{rng}. "
+            f"Fix the override or config file, e.g. {key}={example}"
+        )
+
+
+def check_config_values(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigValueError` for the first knob of the wrong type or out of range, or a
+    ``method`` key its method does not declare (the declarations: ``knobs.knobs_of``)."""
+    check_method_keys(cfg)
+    for knob in sorted(knobs_of(cfg), key=lambda k: k.kind != "choice"):  # choices first
+        v = _lookup(cfg, knob.key)
+        if v is not None:
+            check_knob(knob, v)
 
 
 def check_concept_inputs(concepts: list[Concept], resolution: int, cache_dir: str | os.PathLike | None) -> None:

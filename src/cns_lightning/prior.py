@@ -30,7 +30,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from .checkpoint import hash_tensors
+from .checkpoint import hash_tensors, replace_folder
 from .models import cross_attention_kv
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -183,7 +183,7 @@ def prior_images(
         _barrier()
     else:
         remove_stale_temporaries(folder.parent, key)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{key}.tmp-{socket.gethostname()}-{os.getpid()}-"))
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{key}.tmp-{socket.gethostname()}-{os.getpid()}-"))  # named for remove_stale_temporaries
     mine = list(range(rank, count, world))
     if mine:
         sampler = sampling_pipeline(pipe, precision, compile=compile)
@@ -204,9 +204,7 @@ def prior_images(
             _barrier()
             return sorted(folder.glob("*.png"))
     (tmp / "done.json").write_text(json.dumps(dict(prompt=prompt, seed=seed, count=count, model=fingerprint, precision=precision, compiled=compile)))
-    if folder.exists():  # a leftover from an interrupted run without done.json
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    replace_folder(tmp, folder)  # over a leftover of an interrupted run without done.json, if any
     if world > 1:
         _barrier()
     return sorted(folder.glob("*.png"))

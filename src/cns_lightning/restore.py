@@ -2,10 +2,10 @@
 
 ``load_run(run_dir, stage)`` repeats what the continual loop did, without training: the base model
 from the run's ``config.yaml`` (``hydra.utils.instantiate(cfg.model)``, seeded as the loop seeds
-it), every concept's token (``add_concept_tokens``, so token ids are the loop's), then stages
-1..``stage``: each concept's token row from its ``token.safetensors`` and the K/V values of stage
-``stage`` written at the union of masks 1..``stage`` (``apply_stage``); every other weight is the
-base model's. The result is bit-identical to the in-memory model at the end of that stage.
+it), every concept's token (``add_concept_tokens``, so token ids are the loop's), the run's method
+(``methods.build_method``, also for configs of the release before ``methods/``), then stages
+1..``stage`` loaded by the method (``Method.load``, the very call the loop makes to resume). The
+result is bit-identical to the in-memory model at the end of that stage.
 
 Unlike ``state.completed_stages`` (used by the loop to resume), nothing here deletes folders, so a
 run can be restored while it is still training.
@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import MANIFEST, CheckpointError
 from .concepts import Concept, concepts_from_config
-from .models import cross_attention_kv
-from .state import apply_stage, load_stage, stage_dir
+from .methods import MethodConfigError, RunContext, StageFormatError, build_method
+from .state import check_concept, read_stage, stage_dir
 from .tokens import add_concept_tokens
 
 CONFIG = "config.yaml"
@@ -129,46 +129,31 @@ def load_run(
     info = read_run(run_dir)
     stage = check_stage(info, stage)
     learned = info.learned(stage)
+    try:
+        method = build_method(info.cfg.method)
+    except MethodConfigError as e:
+        raise RestoreError(f"{info.run_dir / CONFIG}: {e}") from None
     stages = []
     for i, c in enumerate(learned):
         folder = stage_dir(info.run_dir, i, c.name)
         try:
-            s = load_stage(folder)  # verifies every file's sha256
+            s = read_stage(folder)  # verifies every file's sha256
+            check_concept(s, c.name, i + 1, f"{info.run_dir / CONFIG} and the folder are from different runs; restore from the run folder as the run wrote it.")
         except CheckpointError as e:
             earlier = f" Or restore an earlier stage (stage={i} / --stage {i}): stages 1..{i} are intact." if i else ""
             raise RestoreError(f"{e}{earlier}") from e
-        if s["info"].get("concept") != c.name:
-            raise RestoreError(
-                f"{folder}: holds concept {s['info'].get('concept')!r} but {info.run_dir / CONFIG} has {c.name!r} at position {i + 1}. "
-                "The folder and the config are from different runs; restore from the run folder as the run wrote it."
-            )
-        stages.append((folder, s))
+        try:
+            method.check_writer(s)
+        except StageFormatError as e:
+            raise RestoreError(f"{e} (run config: {info.run_dir / CONFIG})") from None
+        stages.append(s)
 
     pipe = build_base(info.cfg, device)
-    dev = pipe.unet.device
     ids = add_concept_tokens(pipe.tokenizer, pipe.text_encoder, info.concepts if tokens == "all" else learned)
-    kv = cross_attention_kv(pipe.unet)
-    initial = {n: p.detach().clone() for n, p in kv.items()}
-    emb = pipe.text_encoder.get_input_embeddings().weight
-    masks = []
-    for (folder, s), c in zip(stages, learned):
-        m = s["masks"]
-        if set(m) != set(kv) or any(tuple(m[n].shape) != tuple(kv[n].shape) for n in kv):
-            raise RestoreError(
-                f"{folder}/masks.safetensors: its layers or shapes do not match the K/V layers of the model built from "
-                f"{info.run_dir / CONFIG} (model={info.cfg.model.get('name', info.cfg.model.get('_target_'))}). "
-                "The model config or its weights changed since the run; restore with the original model."
-            )
-        masks.append({n: m[n].to(dev) for n in kv})
-        row = s["token"].reshape(-1)
-        if row.numel() != emb.shape[1]:
-            raise RestoreError(f"{folder}/token.safetensors: {row.numel()} values but the text encoder's embeddings have {emb.shape[1]}. Restore with the run's original model.")
-        with torch.no_grad():
-            emb[ids[c.name]] = row.to(dev, emb.dtype)
-    folder, last = stages[-1]
-    union_count = {n: int(torch.stack([mk[n] for mk in masks]).any(0).sum()) for n in kv}
-    bad = [n for n in kv if n not in last["kv"] or last["kv"][n].numel() != union_count[n]]
-    if bad:
-        raise RestoreError(f"{folder}/kv.safetensors: values for layer {bad[0]} do not match the union of masks 1..{stage}. Delete that stage folder and rerun the run to redo it.")
-    apply_stage(kv, initial, masks, last["kv"])
+    ctx = RunContext(pipe=pipe, concepts=learned, token_ids=ids, seed=int(info.cfg.get("seed", 0)))
+    method.setup(ctx)
+    try:
+        method.load(ctx, stages)
+    except StageFormatError as e:
+        raise RestoreError(f"{e} (run config: {info.run_dir / CONFIG}, model={info.cfg.model.get('name', info.cfg.model.get('_target_'))})") from e
     return pipe, learned

@@ -1,7 +1,7 @@
 """GPU speed-ups for the training step, switched on from the trainer config (conf/trainer/gpu.yaml).
 
-``SpeedUps`` is a Lightning callback: at ``setup`` it asks the ``CNSModule`` for a channels-last
-UNet and a ``torch.compile``d training forward (``CNSModule.enable_speedups``). Both are done once
+``SpeedUps`` is a Lightning callback: at ``setup`` it asks the ``ContinualModule`` for a channels-last
+UNet and a ``torch.compile``d training forward (``ContinualModule.enable_speedups``). Both are done once
 per module, so the per-stage Trainers of the continual loop reuse the compiled graph. On a machine
 without CUDA it does nothing (CPU runs and tests stay eager and exact).
 """

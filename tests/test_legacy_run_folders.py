@@ -1,0 +1,103 @@
+"""Run folders written by the release before ``methods/`` (tests/fixtures/runs_v0, made by 9dc1be9)
+still resume, restore, generate and export; folders this code cannot read fail naming the folder.
+
+The fixtures hold 3 completed stages each. Resuming a copy with stage 3 deleted must rewrite stage 3
+byte-identical to what the old code wrote in one go (its tensor files; textual inversion now keeps
+only its token row).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from cns_lightning import continual
+from cns_lightning.export import export_pipeline
+from cns_lightning.generate import generate
+from cns_lightning.restore import RestoreError, load_run
+from conftest import FIXTURES, compose_cfg
+
+V0 = FIXTURES / "runs_v0"
+# the fixtures' command (tests/fixtures/runs_v0/README.md)
+OVERRIDES = [
+    "name=fixture", "data.concepts=[{name:dog_patch,source:microworld},{name:cup_heart,source:microworld},{name:cat_tabby,source:microworld}]",
+    "method.steps=4", "prior.num_images=2", "prior.num_inference_steps=2", "trainer.enable_progress_bar=false", "++eval.enabled=false", "logger=none",
+]
+
+
+def _copy(tmp_path, method: str):
+    run = tmp_path / "run"
+    shutil.copytree(V0 / method, run)
+    return run
+
+
+@pytest.mark.parametrize("method", ["cns", "textual_inversion", "full_kv"])
+def test_an_old_folder_resumes_bit_identically(tmp_path, method):
+    run = _copy(tmp_path, method)
+    last = sorted((run / "stages").iterdir())[-1]
+    shutil.rmtree(last)  # interrupted before stage 3 was saved
+    result = continual.run(compose_cfg(tmp_path, [*OVERRIDES, f"method={method}"]))
+    assert result["status"] == "complete"
+    old = V0 / method / "stages" / last.name
+    new = sorted(p.name for p in last.glob("*.safetensors"))
+    assert "token.safetensors" in new
+    for name in new:
+        assert (last / name).read_bytes() == (old / name).read_bytes(), f"{method}: {name} of stage 3 differs from the old code's"
+    base = json.loads((V0 / method / "base_model.json").read_text())["fingerprint"]
+    priors = [json.loads(p.read_text())["model"] for p in (tmp_path / "cache" / "priors").glob("*/done.json")]
+    assert priors and set(priors) == {base}, "prior images are cached under another model fingerprint than the old release's"
+    info = json.loads((last / "stage.json").read_text())
+    assert info["format"] == 1 and info["method"] == method and info["method_target"].startswith("cns_lightning.methods.")
+
+
+def test_an_old_folder_restores_generates_and_exports(tmp_path):
+    run = V0 / "cns"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    pipe, learned = load_run(run)
+    assert [c.name for c in learned] == ["dog_patch", "cup_heart", "cat_tabby"]
+    out = generate(run, ["a <new1> dog and a <new3> cat"], n=1, steps=2, out=tmp_path / "images")
+    assert len(list(out.glob("*.png"))) == 1
+    exported = export_pipeline(run, tmp_path / "export")
+    plain = StableDiffusionPipeline.from_pretrained(exported, safety_checker=None)
+    for (n, p), q in zip(plain.unet.named_parameters(), pipe.unet.parameters()):
+        assert torch.equal(p, q), n
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before, "the fixture was modified"
+
+
+def test_textual_inversion_folders_of_both_releases_restore_alike(tmp_path):
+    old, _ = load_run(V0 / "textual_inversion")
+    run = tmp_path / "run"
+    continual.run(compose_cfg(tmp_path, [*OVERRIDES, "method=textual_inversion"]))
+    assert {p.name for p in (run / "stages" / "01_dog_patch").iterdir()} == {"token.safetensors", "stage.json", "manifest.json"}
+    new, _ = load_run(run)
+    assert torch.equal(old.text_encoder.get_input_embeddings().weight, new.text_encoder.get_input_embeddings().weight)
+
+
+def test_a_folder_of_a_newer_format_or_another_method_fails_naming_it(tmp_path):
+    run = _copy(tmp_path, "cns")
+    stage = run / "stages" / "02_cup_heart"
+    info = json.loads((stage / "stage.json").read_text())
+    manifest = json.loads((stage / "manifest.json").read_text())
+
+    def rewrite(**changes):
+        from cns_lightning.checkpoint import save_json
+
+        manifest["files"]["stage.json"] = save_json(stage / "stage.json", {**info, **changes})
+        save_json(stage / "manifest.json", manifest)
+
+    rewrite(format=99)
+    with pytest.raises(RestoreError, match=r"02_cup_heart: stage format 99 is newer than this code reads \(1\)\. Update cns_lightning to use it"):
+        load_run(run)
+    rewrite(method_target="cns_lightning.methods.full_kv.FullKV")
+    with pytest.raises(RestoreError, match=r"02_cup_heart: written by method cns_lightning.methods.full_kv.FullKV but the run's config names cns_lightning.methods.cns.CNS.*run config: .*config.yaml"):
+        load_run(run)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("neurons: concept", "neurons: sparse"))
+    with pytest.raises(RestoreError, match=r"config.yaml: method has no _target_ \(and no neurons rule of an older run config\)"):
+        load_run(run)
+    rewrite(format=99)  # the loop's resume refuses it too (it rewrites config.yaml from the command first)
+    with pytest.raises(continual.RunError, match=r"02_cup_heart: stage format 99 is newer .*\(resuming .*run\)"):
+        continual.run(compose_cfg(tmp_path, [*OVERRIDES, "method=cns"]))
