@@ -23,7 +23,7 @@ from .checkpoint import CheckpointError, atomic_write_bytes, save_json
 from .concepts import Concept, concepts_from_config
 from .data import ConceptDataModule
 from .distributed import is_main_rank, ranks_agree, setup_distributed
-from .evaluation.loggers import build_loggers, finish_loggers, log_stage
+from .evaluation.loggers import build_loggers, log_hyperparameters, finish_loggers, log_stage
 from .methods import FORMAT_VERSION, Method, RunContext, build_method
 from .methods.base import StageFormatError
 from .methods.stage import TrainingStage
@@ -172,6 +172,7 @@ def restore(r: Run) -> list[dict]:
         r.module.step_offset = sum(int(s.info.get("steps", 0)) for s in done)
         print(f"[cns] resuming {r.run_dir}: stages 1-{len(done)} complete, continuing with stage {len(done) + 1}")
     r.loggers = build_loggers(cfg.get("logger"))
+    log_hyperparameters(r.loggers, cfg)  # the whole resolved config to every logger (W&B config, hparams.yaml)
     r.evaluator = make_evaluator(cfg, r.run_dir, r.concepts, r.ctx.pipe.unet.device)
     if r.evaluator is not None and not done:
         r.evaluator.before_training(r.ctx.pipe)
