@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from PIL import Image, ImageDraw
 
-from cns_lightning.evaluation.metrics import load_clip, load_dino
+from cns_lightning.evaluation.metrics import clip_image_similarity, learned, load_clip, load_dino, self_similarity
 from cns_lightning.microworld import concepts as MC
 from cns_lightning.microworld.assets import clip_path, micro_pipeline
 from cns_lightning.models import cross_attention_kv
@@ -78,11 +78,6 @@ def parse_recipe(text: str) -> Recipe:
             raise SystemExit(f"--recipe {text!r}: unknown field {k!r}; fields: {list(Recipe.__dataclass_fields__)}")
         kw[k] = v if field.type == "str" else (int(v) if field.type == "int" else float(v))
     return replace(RECIPES.get(name, Recipe(name)), name=name, **kw)
-
-
-def learned(score: float, base: float, reference: float) -> bool:
-    """Issue 14's rule: the score closes at least half the gap from the base class samples to the references."""
-    return score - base >= 0.5 * (reference - base)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -206,17 +201,12 @@ class Scorers:
 
 
 def similarity(gen: dict, ref: dict) -> dict[str, float]:
-    """Mean cosine (x 100) of generated images to the references, per embedding."""
-    return {k: float(100 * (gen[k] @ ref[k].T).mean()) for k in gen}
+    """CLIP-I (x 100) of generated images to the references, per embedding."""
+    return {k: clip_image_similarity(gen[k], ref[k]) for k in gen}
 
 
-def self_similarity(ref: dict) -> dict[str, float]:
-    out = {}
-    for k, e in ref.items():
-        s = e @ e.T
-        n = len(e)
-        out[k] = float(100 * (s.sum() - s.diagonal().sum()) / (n * (n - 1)))
-    return out
+def self_similarities(ref: dict) -> dict[str, float]:
+    return {k: self_similarity(e) for k, e in ref.items()}
 
 
 def grid(rows: list[tuple[str, list[Image.Image]]], path: Path, cols: int = 8, size: int = 64) -> None:
@@ -247,7 +237,7 @@ def probe(concept: str, recipes: list[Recipe], args, device) -> dict:
     prior_prompts = [p for p in prior_prompts for _ in range(args.priors_per_caption)]
     base_imgs = sample(base_pipe, class_prompts, args.samples, args.seed, args.guidance, args.sampler_steps)
     result = dict(
-        concept=concept, category=c.category, reference=self_similarity(ref_emb), base=similarity(scorers.embed(base_imgs), ref_emb), recipes={}
+        concept=concept, category=c.category, reference=self_similarities(ref_emb), base=similarity(scorers.embed(base_imgs), ref_emb), recipes={}
     )
     rows = [("references", refs), ("base (class)", base_imgs[:: max(1, args.samples // 2)])]
     del base_pipe
@@ -282,7 +272,7 @@ def rescore(folder: Path, identity: str, device) -> None:
         arrays = np.load(f.with_suffix(".npz"))
         emb = lambda k: scorers.embed([Image.fromarray(a) for a in arrays[k]])
         ref = emb("references")
-        r["reference"], r["base"] = self_similarity(ref), similarity(emb("base"), ref)
+        r["reference"], r["base"] = self_similarities(ref), similarity(emb("base"), ref)
         for name, x in r["recipes"].items():
             x["score"] = similarity(emb(name), ref)
             x["learned"] = {k: learned(x["score"][k], r["base"][k], r["reference"][k]) for k in x["score"]}
@@ -339,10 +329,11 @@ def main() -> None:
     unknown = [n for n in names if n not in MC.CONCEPTS]
     if unknown:
         raise SystemExit(f"--concepts: unknown {unknown}; choose from {list(MC.CONCEPTS)}")
-    recipes = [RECIPES[n] if n in RECIPES else SystemExit(f"--recipes: unknown {n!r}; choose from {list(RECIPES)}") for n in args.recipes.split(",") if n]
-    bad = [r for r in recipes if isinstance(r, SystemExit)]
-    if bad:
-        raise bad[0]
+    named = [n for n in args.recipes.split(",") if n]
+    unknown = [n for n in named if n not in RECIPES]
+    if unknown:
+        raise SystemExit(f"--recipes: unknown {unknown}; choose from {list(RECIPES)}")
+    recipes = [RECIPES[n] for n in named]
     recipes += [parse_recipe(t) for t in args.recipe]
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True

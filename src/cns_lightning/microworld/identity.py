@@ -959,9 +959,11 @@ def concept_auc(emb: dict[str, torch.Tensor]) -> float:
 
 
 def self_similarity(e: torch.Tensor) -> float:
-    """Mean cosine between distinct rows of ``e`` (self-pairs excluded)."""
-    sim, n = e @ e.T, len(e)
-    return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+    """Mean cosine between distinct rows of ``e`` (self-pairs excluded): ``metrics.self_similarity``
+    on the 0-1 scale of the AUC tables."""
+    from ..evaluation.metrics import self_similarity as percent
+
+    return percent(e) / 100.0
 
 
 def identity_embedder(model_path: str | os.PathLike) -> Embedder:
