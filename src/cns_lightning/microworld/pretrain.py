@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import save_json
 from .trainstate import load_training_state, save_training_state
 from . import arch
 from . import world as W
@@ -423,7 +424,7 @@ def main(argv=None) -> None:
 
     def finished(stage: str, steps: int) -> None:
         progress[stage] = steps
-        progress_file.write_text(json.dumps(progress) + "\n")
+        save_json(progress_file, progress)  # atomically: a crash leaves the last complete record
 
     if "clip" in stages and "clip" in progress:
         clip = CLIPModel.from_pretrained(a.out / "clip").to(dev)
