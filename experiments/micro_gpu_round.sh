@@ -5,6 +5,7 @@
 #
 #   bash experiments/micro_gpu_round.sh pretrain   # identity model, the rebuilt UNet, probes of the shipped model
 #   bash experiments/micro_gpu_round.sh probe MODEL_DIR IDENTITY_DIR   # probes of a rebuilt model
+#   bash experiments/micro_gpu_round.sh rebuild   # VAE + UNet continued on world scenes and random identities
 #
 # Results come back as tar files in $OUT (at most 16 MB each; larger ones split).
 set -uo pipefail
@@ -60,6 +61,28 @@ pretrain)
   pack identity "$W/identity/model" "$W/identity/eval.json" "$W/identity.log"
   pack probe_shipped "$W/probe_shipped" "$W"/probe_shipped.*.log
   pack p64 "$W/p64/pipeline/unet" "$W/p64/pipeline/vae/config.json" "$W/p64/scores.json" "$W/p64/log.txt" "$W/p64/samples.png" "$W/p64.log"
+  ;;
+rebuild)  # the micro world's VAE and UNet continued on world scenes plus random identities (issue 14)
+  timeout $(left 585) python -m cns_lightning.microworld.pretrain --out "$W/rebuild" --seed 0 --workers 15 \
+    --init $SHIPPED --init-parts clip,vae,unet --stages vae,unet,eval --identity-share ${ID_SHARE:-0.3} \
+    --vae-steps ${VAE_STEPS:-3000} --vae-batch 256 --vae-lr 5e-4 --vae-max-seconds ${VAE_SECONDS:-150} \
+    --unet-steps ${UNET_STEPS:-6000} --unet-batch 512 --unet-lr ${UNET_LR:-3e-4} --unet-max-seconds ${UNET_SECONDS:-270} \
+    --n-eval 300 --guidances 3 > "$W/rebuild.log" 2>&1
+  tail -25 "$W/rebuild.log"
+  pack rebuild "$W/rebuild/pipeline/unet" "$W/rebuild/pipeline/vae" "$W/rebuild/scores.json" "$W/rebuild/log.txt" "$W/rebuild/samples.png" "$W/rebuild/samples.txt" "$W/rebuild.log"
+  ;;
+continue)  # the shipped UNet pretrained further (background) while the shipped model is probed
+  timeout $(left 560) python -m cns_lightning.microworld.pretrain --out "$W/continue" --seed 1 --workers 4 \
+    --init $SHIPPED --init-parts clip,vae,unet --stages unet,eval --identity-share ${ID_SHARE:-0.3} \
+    --unet-steps ${UNET_STEPS:-4000} --unet-batch 512 --unet-lr ${UNET_LR:-2e-4} --unet-max-seconds ${UNET_SECONDS:-330} \
+    --n-eval 300 --guidances 3 > "$W/continue.log" 2>&1 &
+  PRE=$!
+  mkdir -p "$W/probe"
+  probes "" $SHIPPED/identity "$W/probe"
+  wait $PRE
+  tail -12 "$W/continue.log"
+  pack probe "$W/probe" "$W"/probe.*.log
+  pack continue "$W/continue/pipeline/unet" "$W/continue/scores.json" "$W/continue/log.txt" "$W/continue/samples.png" "$W/continue.log"
   ;;
 probe)  # MODEL IDENTITY: PROBE_CONCEPTS x PROBE_RECIPES
   mkdir -p "$W/probe"

@@ -53,3 +53,28 @@ def test_pretraining_resumes_from_its_checkpoint(tmp_path):
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "pipeline" / "unet")
     assert unet.config.cross_attention_dim == 32
     assert list(unet.config.down_block_types) == ["CrossAttnDownBlock2D"] * 3
+
+
+def test_identity_scenes_are_captioned_in_world_words_only():
+    """make_data(identity_share=...): random identities (never the 20 concepts) named by the
+    world's words alone; glyphs by their noun without colour or pattern."""
+    import numpy as np
+
+    from cns_lightning.microworld import concepts as C
+    from cns_lightning.microworld import world as W
+    from cns_lightning.microworld.pretrain import make_data
+    from cns_lightning.tokenizer import clip_tokenizer
+
+    imgs, ids = make_data(40, seed=3, workers=1, identity_share=0.5)
+    assert imgs.shape == (40, 64, 64, 3) and ids.shape == (40, 2, 77)
+    tok = clip_tokenizer()
+    words = set(W.COLOURS) | set(W.NOUNS) | set(W.PATTERNS) | set(W.BACKGROUNDS) | set(W.STYLES[1:])
+    words |= {"a", "small", "large", "on", "the", "left", "right", "at", "top", "bottom", "in", "center", "and", "background", "style", ","}
+    captions = [tok.decode(row, skip_special_tokens=True).replace("</w>", " ") for row in ids[20:, 0]]
+    for cap in captions:
+        assert set(cap.replace(",", " , ").split()) <= words, cap
+        assert "{token}" not in cap and not any(name in cap for name in C.CONCEPTS)
+    # some identity scenes leave out colour words a world object would have
+    assert any(not (set(cap.split()) & set(W.COLOURS)) for cap in captions)
+    # the two halves differ: world scenes first, identities after
+    assert not np.array_equal(imgs[:20], imgs[20:])

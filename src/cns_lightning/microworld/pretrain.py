@@ -32,6 +32,7 @@ import math
 import multiprocessing as mp
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -62,15 +63,57 @@ def _render_chunk(args):
     return imgs, np.asarray(enc(full), np.int32), np.asarray(enc(part), np.int32)
 
 
-def make_data(n: int, seed: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [n, 64, 64, 3], token ids int32 [n, 2, 77]: full caption, under-described one)."""
+def identity_caption(scene: W.Scene, omit: frozenset[str] | set[str] = frozenset()) -> str:
+    """The caption of a scene showing random identities (``identity.view_scene``), in the world's
+    words only: a random glyph is named by its noun alone (as an under-described world object), a
+    random background or style has no clause (the world has no word for it)."""
+    text = " and ".join(
+        (replace(o, glyph=None).phrase(set(omit) | {"colour", "pattern"}) if o.glyph is not None else o.phrase(omit)) for o in scene.objects
+    )
+    if scene.background in W.BACKGROUNDS:
+        text += f", on a {scene.background} background"
+    if scene.style in W.STYLES and scene.style != "none":
+        text += f", in {scene.style} style"
+    return text
+
+
+def _render_identity_chunk(args):
+    """Like ``_render_chunk`` for scenes of random identities (never the personal concepts)."""
+    from ..tokenizer import clip_tokenizer
+    from . import identity as I
+
+    seed, n, omits = args
     rng = np.random.default_rng(seed)
-    scenes = [W.sample_scene(rng, "train") for _ in range(n)]
+    idents = [i for i in I.sample_identities(rng, 2 * n) if i.kind != "plain"][:n]  # plain objects are world objects
+    while len(idents) < n:
+        idents.append(I.random_glyph(rng))
+    tok = clip_tokenizer()
+    imgs, full, part = [], [], []
+    for ident, o in zip(idents, omits):
+        scene, needs = I.view_scene(ident, rng)
+        imgs.append(np.asarray(I.render(scene, needs)))
+        full.append(identity_caption(scene))
+        part.append(identity_caption(scene, o))
+    enc = lambda t: tok(t, padding="max_length", max_length=77, truncation=True).input_ids
+    return np.stack(imgs), np.asarray(enc(full), np.int32), np.asarray(enc(part), np.int32)
+
+
+def make_data(n: int, seed: int, workers: int, identity_share: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [n, 64, 64, 3], token ids int32 [n, 2, 77]: full caption, under-described one).
+
+    ``identity_share`` of the scenes show random identities of ``identity.py`` instead of world
+    objects (multi-colour glyphs named by their noun only, backgrounds and styles the world has no
+    word for), so the VAE and the UNet have seen things the world's words cannot describe, as
+    SD-1.5 has seen countless dogs that no caption describes exactly."""
+    rng = np.random.default_rng(seed)
+    n_id = int(round(n * identity_share))
+    scenes = [W.sample_scene(rng, "train") for _ in range(n - n_id)]
     omits = [OMIT_VARIANTS[rng.integers(len(OMIT_VARIANTS))] for _ in range(n)]
     k = 2000
-    chunks = [(scenes[i : i + k], omits[i : i + k]) for i in range(0, n, k)]
+    chunks = [(scenes[i : i + k], omits[i : i + k]) for i in range(0, len(scenes), k)]
+    id_chunks = [(seed * 1_000_003 + i, min(k, n_id - i), omits[len(scenes) + i : len(scenes) + i + k]) for i in range(0, n_id, k)]
     with mp.get_context("fork").Pool(workers) as pool:
-        parts = pool.map(_render_chunk, chunks)
+        parts = pool.map(_render_chunk, chunks) + pool.map(_render_identity_chunk, id_chunks)
     imgs = np.concatenate([p[0] for p in parts])
     ids = np.stack([np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])], 1)
     return imgs, ids
@@ -362,6 +405,7 @@ def main(argv=None) -> None:
     ap.add_argument("--unet-attention", choices=sorted(arch.UNET_LAYOUTS), default="low", help="cross-attention levels of a new UNet (arch.UNET_LAYOUTS)")
     ap.add_argument("--ckpt-every", type=int, default=1000, help="UNet checkpoint every N steps (OUT/checkpoint_unet.pt; a rerun resumes)")
     ap.add_argument("--n-train", type=int, default=150_000)
+    ap.add_argument("--identity-share", type=float, default=0.0, help="share of pretraining scenes showing random identities (make_data)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--clip-steps", type=int, default=6000)
     ap.add_argument("--clip-batch", type=int, default=512)
@@ -396,7 +440,7 @@ def main(argv=None) -> None:
     t0 = time.time()
     training = bool(stages & {"clip", "vae", "unet"})
     if training:
-        imgs_np, ids_np = make_data(a.n_train, a.seed, a.workers)  # before CUDA starts (forked workers)
+        imgs_np, ids_np = make_data(a.n_train, a.seed, a.workers, a.identity_share)  # before CUDA starts (forked workers)
         log(f"data: {len(imgs_np)} scenes in {time.time() - t0:.0f}s")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(a.seed)
