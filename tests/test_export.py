@@ -75,7 +75,7 @@ def tiny_run(root: Path) -> tuple[Path, list[dict]]:
             Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     concepts = ",".join(f"{{name:{n},class_name:{c},path:{root / 'images' / n}}}" for n, c in CONCEPTS)
     run_dir = root / "run"
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "src" / "cns_lightning" / "conf"), version_base="1.3"):
         cfg = compose(
             "config",
             overrides=[

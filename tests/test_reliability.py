@@ -23,7 +23,7 @@ from cns_lightning.concepts import ConceptError
 from cns_lightning.images import ImageInputError
 from cns_lightning.module import ContinualModule
 from cns_lightning.preflight import ConfigValueError, output_bytes
-from conftest import FAST, ROOT, compose_cfg, concepts_override, make_concept_folder, run_cli
+from conftest import CONF, FAST, ROOT, compose_cfg, concepts_override, make_concept_folder, run_cli
 
 FAST_INPROC = [*FAST, "~logger"]
 
@@ -359,8 +359,8 @@ def test_a_stage_stopped_early_is_not_saved_as_complete(tmp_path, concept_dirs):
     assert stage_names(tmp_path / "run") == []
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
-@pytest.mark.parametrize("model", sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")))
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
 def test_every_experiment_composes_with_every_model(tmp_path, experiment, model):
     """`+experiment=X model=Y` resolves for every pair (seq7 read ${model.guidance_scale}, which
     only the micro model had: `+experiment=seq7 model=sd15_random` failed on its first GPU run)."""

@@ -1,4 +1,4 @@
-"""Lightning loggers from ``conf/logger/*.yaml``, and per-stage logging of evaluation results.
+"""Lightning loggers from ``src/cns_lightning/conf/logger/*.yaml``, and per-stage logging of evaluation results.
 
 * :func:`build_loggers` - instantiate the ``logger`` config group (a dict of Lightning logger
   configs, possibly empty) into a list of Lightning loggers. W&B runs offline unless
@@ -48,7 +48,7 @@ def build_loggers(cfg: Any) -> list:
         if not isinstance(item, Mapping) or "_target_" not in item:
             raise ValueError(
                 f"logger config entry {i} ({item!r}) has no _target_; each entry must be a Lightning logger config, "
-                "e.g. {_target_: lightning.pytorch.loggers.CSVLogger, save_dir: ...} (see conf/logger/)"
+                "e.g. {_target_: lightning.pytorch.loggers.CSVLogger, save_dir: ...} (see src/cns_lightning/conf/logger/)"
             )
         if item["_target_"].endswith("WandbLogger"):
             os.environ.setdefault("WANDB_MODE", "offline")
