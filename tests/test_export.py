@@ -82,6 +82,8 @@ def tiny_run(root: Path) -> tuple[Path, list[dict]]:
                 f"data.concepts=[{concepts}]", "method.steps=3", "prior.num_images=1", "prior.num_inference_steps=2",
                 "calibration.num_prompts=4", f"paths.run_dir={run_dir}", f"paths.cache_dir={root / 'cache'}",
                 "device=cpu", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
+                "model.guidance_scale=2.5",  # generate and the model card take it (not a fixed 6.0)
+                "data.token_init=random",  # restore must rebuild the not-yet-learned token's random row
             ],
         )
     with open_dict(cfg):
@@ -183,6 +185,7 @@ def test_export_loads_with_plain_diffusers_and_matches_the_restored_run(run_and_
     main([str(run_dir), str(out)])
     card = (out / "README.md").read_text()
     assert "`<new1>`" in card and "`<new2>`" in card
+    assert "guidance_scale=2.5" in card and "6.0" not in card  # the run's model.guidance_scale
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"], "temp folder left behind"
     # a standard folder: every component is a diffusers / transformers class (no custom code to load)
     index = json.loads((out / "model_index.json").read_text())

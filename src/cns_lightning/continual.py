@@ -33,7 +33,7 @@ from .preflight import check_concept_inputs, check_config_values, check_disk_spa
 from .prior import model_fingerprint, prior_images
 from .run_folder import RunFolderError, check_run_folder
 from .state import completed_stages, stage_dir, write_stage
-from .tokens import add_concept_tokens, check_token_in_captions
+from .tokens import add_concept_tokens, check_token_in_captions, token_init
 
 
 class RunError(RuntimeError):
@@ -127,7 +127,7 @@ def build(r: Run) -> None:
     pipe.to(setup_distributed(device))
     r.fingerprint = model_fingerprint(pipe)  # of the base model before any token is added: names its prior-image cache
     save_json(r.run_dir / "base_model.json", {"fingerprint": r.fingerprint, "name": str(cfg.model.get("name", ""))})
-    token_ids = add_concept_tokens(pipe.tokenizer, pipe.text_encoder, r.concepts)
+    token_ids = add_concept_tokens(pipe.tokenizer, pipe.text_encoder, r.concepts, init=token_init(cfg), seed=int(cfg.seed))
     check_token_in_captions(pipe.tokenizer, r.concepts, token_ids, r.cache_dir)
     check_outputs_fit(cfg, pipe, r.run_dir, r.cache_dir, len(r.concepts))
     r.ctx = RunContext(

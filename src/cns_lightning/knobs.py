@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .prior import PRECISIONS
+from .tokens import TOKEN_INITS
 
 # Config groups that define a run: a folder holding a run with other values there is not resumed.
 IDENTITY_GROUPS = ("model", "data", "method", "seed", "prior", "calibration")
@@ -53,6 +54,7 @@ RUN_KNOBS: tuple[Knob, ...] = (
     Knob("data.flip_p", "float", 0.0, 1.0),
     Knob("data.cache_latents", "bool"),
     Knob("data.random_crop", "bool"),
+    Knob("data.token_init", "choice", choices=TOKEN_INITS, added=True),
     Knob("prior.enabled", "bool"),
     Knob("prior.num_images", "int", 0),
     Knob("prior.num_inference_steps", "int", 1),
