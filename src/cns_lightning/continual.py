@@ -19,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import CheckpointError, atomic_write_bytes, save_json
+from .checkpoint import CheckpointError, atomic_write_bytes, load_json, save_json
 from .concepts import Concept, concepts_from_config
 from .data import ConceptDataModule
 from .distributed import is_main_rank, ranks_agree, setup_distributed
@@ -253,6 +253,7 @@ def run(cfg: DictConfig) -> dict:
     stages_info = restore(r)
     for m in range(len(stages_info), len(r.concepts)):
         L.seed_everything(int(cfg.seed) + m, workers=True, verbose=False)  # each stage reproducible alone
+        say(f"stage {m + 1}/{len(r.concepts)}: {r.concepts[m].name} ({r.concepts[m].token}, {r.method.name}, {r.method.steps} steps)")
         t0 = time.time()
         stage = r.method.begin_stage(r.ctx, m, r.concepts[m])  # what trains (CNS: selects the concept's neurons)
         steps = fit_stage(r, m, stage, stages_info)
@@ -279,7 +280,30 @@ def finish(r: Run, stages_info: list[dict]) -> dict:
     if is_main_rank():
         save_json(r.run_dir / "summary.json", result)
     finish_loggers(r.loggers)  # wandb.finish() per job: every multirun job is its own W&B run
+    say(final_message(r.run_dir, result))
     return result
+
+
+def say(line: str) -> None:
+    """One progress line on the console (rank 0 only), flushed at once (logs of long runs)."""
+    if is_main_rank():
+        print(f"[cns] {line}", flush=True)
+
+
+def final_message(run_dir: Path, result: dict) -> str:
+    """The run's closing lines: what was learned, where the report and the stages are."""
+    stages = result["stages"]
+    lines = [f"{result['status']}: {len(stages)} of {len(result['concepts'])} concepts "
+             f"({', '.join(c['name'] for c in result['concepts'])}) in {run_dir}"]
+    results = run_dir / "eval" / "results.json"
+    if results.is_file():
+        learned = load_json(results).get("learned") or {}
+        if learned.get("of"):
+            lines.append(f"  concepts learned: {learned['learned']} of {learned['of']}; still learned after the last stage: {learned['kept']}")
+    report = run_dir / "report.md"
+    lines.append(f"  report: {report}" if report.is_file() else "  report: none (evaluation off; eval=default writes report.md)")
+    lines.append(f"  stages: {run_dir / 'stages'}; images: python -m cns_lightning.generate {run_dir} --prompt '...'")
+    return "\n".join(lines)
 
 
 def summary(cfg: DictConfig, concepts: list[Concept], stages: list[dict], status: str) -> dict:
