@@ -109,6 +109,10 @@ def check_inputs(cfg: DictConfig) -> Run:
     check_config_values(cfg)  # every knob of the run and of its method (knobs.py, Method.declared_knobs)
     method = build_method(cfg.method)
     check_concept_inputs(concepts, int(cfg.data.resolution), cache_dir)  # bad input fails before anything is written
+    if str(cfg.model.get("name", "")) == "micro":  # own concepts in words the micro world never saw: a warning each
+        from .microworld.concepts import warn_words_it_cannot_draw
+
+        warn_words_it_cannot_draw(concepts, cache_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         check_run_folder(run_dir, cfg)
