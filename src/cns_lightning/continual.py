@@ -24,6 +24,7 @@ from .concepts import Concept, concepts_from_config
 from .data import ConceptDataModule
 from .distributed import is_main_rank, ranks_agree, setup_distributed
 from .evaluation.loggers import build_loggers, log_hyperparameters, finish_loggers, log_stage
+from .evaluation.validation import validation_callback
 from .methods import FORMAT_VERSION, Method, RunContext, build_method
 from .methods.base import StageFormatError
 from .methods.stage import TrainingStage
@@ -197,6 +198,9 @@ def fit_stage(r: Run, m: int, stage: TrainingStage, stages_info: list[dict]) -> 
         num_workers=int(cfg.data.num_workers), seed=int(cfg.seed) + m, cache_dir=r.cache_dir,
     )
     trainer = instantiate(cfg.trainer, max_steps=steps, logger=r.loggers or False)
+    samples = validation_callback(cfg, r.ctx.pipe, concept, seed=int(cfg.seed))  # validation.every_n_steps > 0: samples during the stage
+    if samples is not None:
+        trainer.callbacks.append(samples)
     try:
         trainer.fit(r.module, datamodule=datamodule)
     except NonFiniteLossError as e:

@@ -63,6 +63,10 @@ RUN_KNOBS: tuple[Knob, ...] = (
     Knob("prior.precision", "choice", choices=PRECISIONS, added=True),
     Knob("prior.compile", "bool", added=True),
     Knob("resume", "bool"),
+    Knob("validation.every_n_steps", "int", 0, identity=False, added=True),
+    Knob("validation.num_images", "int", 1, identity=False, added=True),
+    Knob("validation.num_inference_steps", "int", 1, identity=False, added=True),
+    Knob("validation.guidance_scale", "float", 0.0, identity=False, added=True),
     Knob("min_free_bytes", "int", 0),
     Knob("trainer.strategy.sigterm_check_every_n_steps", "int", 1),  # trainer=ddp_compact
 )

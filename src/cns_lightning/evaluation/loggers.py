@@ -153,6 +153,29 @@ def log_stage(
                 logger.save()
 
 
+def log_images(loggers: Iterable, step: int, images: Mapping[str, Image.Image], captions: Mapping[str, str] | None = None) -> None:
+    """Log images at a training step to every logger (validation samples during a stage).
+
+    W&B: ``WandbLogger.log_image`` (on Lightning's ``trainer/global_step`` axis, with the caption).
+    TensorBoard: ``add_image`` at ``global_step=step``. CSV (and loggers with a ``log_dir``): PNG
+    files ``<log_dir>/media/<key>_step<step>.png``.
+    """
+    captions = dict(captions or {})
+    for logger in loggers:
+        kind = _kind(logger)
+        for k, im in images.items():
+            if kind == "wandb":
+                logger.log_image(key=k, images=[im], step=step, caption=[captions.get(k, k)])
+            elif kind == "tensorboard":
+                logger.experiment.add_image(k, np.asarray(im.convert("RGB")), global_step=step, dataformats="HWC")
+            elif getattr(logger, "log_dir", None):
+                media = Path(logger.log_dir) / "media"
+                media.mkdir(parents=True, exist_ok=True)
+                im.save(media / f"{_safe(k)}_step{step:06d}.png")
+        if kind == "tensorboard":
+            logger.experiment.flush()
+
+
 def _log_wandb(logger, stage: int, values: dict, images: dict, tables: dict) -> None:
     import wandb
 
