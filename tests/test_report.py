@@ -152,7 +152,7 @@ def test_report_title_names_the_run_and_lists_every_token(tmp_path):
         "data:\n  concepts:\n  - {name: dog, class_name: dog, category: live_subject, path: /x}\n"
         "  - {name: mug, class_name: mug, token: '<mymug>', path: /y}\n  - {name: cat_tabby, source: microworld}\n")
     md = write_report(tmp_path, make_state(tmp_path)).read_text()
-    assert md.startswith("# Evaluation report: seq7, method cns_l1_0.5, seed 3 (model micro)\n")
+    assert md.startswith("# Evaluation report: seq7, method cns (tag _l1_0.5), seed 3, model micro\n")
     assert "| 1 | `<new1>` | dog | dog | live_subject |" in md
     assert "| 2 | `<mymug>` | mug | mug | object |" in md
     assert "| 3 | `<new3>` | cat_tabby | cat | live_subject |" in md  # a micro-world concept's class noun

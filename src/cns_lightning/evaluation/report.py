@@ -244,7 +244,8 @@ def run_header(run_dir: Path) -> dict[str, Any]:
     cfg = OmegaConf.to_container(OmegaConf.load(cfg_path))
     method = (cfg.get("method") or {}).get("name", "?")
     model = (cfg.get("model") or {}).get("name", "?")
-    title = f"Evaluation report: {cfg.get('name', '?')}, method {method}{cfg.get('tag') or ''}, seed {cfg.get('seed', '?')} (model {model})"
+    tag = f" (tag {cfg['tag']})" if cfg.get("tag") else ""
+    title = f"Evaluation report: {cfg.get('name', '?')}, method {method}{tag}, seed {cfg.get('seed', '?')}, model {model}"
     from ..concepts import ConceptError, concepts_from_config
 
     try:  # as the loop read them (micro-world concepts get their class noun and category here)
