@@ -2,7 +2,7 @@
 
 Builds ``sd15_random`` (the exact SD-1.5 architecture, random weights, no download) on the GPU and
 runs the project's own code path (ContinualModule + the configured method + ConceptDataModule + a Lightning Trainer made from
-conf/trainer/gpu.yaml, the run's method (``begin_stage`` / ``end_stage``) and ``write_stage``). Prints one table naming the
+src/cns_lightning/conf/trainer/gpu.yaml, the run's method (``begin_stage`` / ``end_stage``) and ``write_stage``). Prints one table naming the
 device; writes every number to ``--out`` (bench.json).
 
 Measured:
@@ -10,7 +10,7 @@ Measured:
     steps after ``--warmup``, timed with CUDA events between consecutive batch starts (so the
     optimizer step, data loading and hooks are in it). Variants: the pre-issue-5 module
     (experiments/baseline), the current module eager, + channels-last, + torch.compile (default
-    mode), + CUDA graphs (mode reduce-overhead, as conf/trainer/gpu.yaml's SpeedUps callback);
+    mode), + CUDA graphs (mode reduce-overhead, as src/cns_lightning/conf/trainer/gpu.yaml's SpeedUps callback);
     plus the bare UNet forward+backward (anchor row);
   * peak GPU memory of the final variant's stage;
   * wall time of whole concept stages (selection + ``--stage-steps`` steps + saving, prior images
@@ -20,8 +20,8 @@ Measured:
     size does not depend on the step count).
 
 ``--ddp``: launch with ``torchrun --nproc_per_node=2 experiments/bench_gpu.py --ddp`` to time a
-stage under conf/trainer/ddp.yaml (``--trainer ddp_compact`` / ``ddp_masked``: those configs; one
-process without torchrun: conf/trainer/gpu.yaml), check that every rank ends with identical
+stage under src/cns_lightning/conf/trainer/ddp.yaml (``--trainer ddp_compact`` / ``ddp_masked``: those configs; one
+process without torchrun: src/cns_lightning/conf/trainer/gpu.yaml), check that every rank ends with identical
 weights, and time prior generation split across ranks; ``--profile N`` adds a profiler window of N
 steps and lists every host-synchronising CUDA call by Python line (see docs/scaling.md).
 """
@@ -153,12 +153,12 @@ def rank() -> int:
 
 
 def compose_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "src" / "cns_lightning" / "conf"), version_base=None):
         return compose("config", overrides=overrides)
 
 
 def make_trainer(trainer_cfg, steps: int, out: Path, speedups: bool, extra_callbacks: list, logger: bool = True):
-    """A Trainer from the config (conf/trainer/<name>.yaml); ``speedups=False`` drops its callbacks."""
+    """A Trainer from the config (src/cns_lightning/conf/trainer/<name>.yaml); ``speedups=False`` drops its callbacks."""
     kwargs = dict(max_steps=steps, enable_progress_bar=False, enable_model_summary=False)
     loggers = [CSVLogger(str(out / "csv"), name="bench")] if logger and rank() == 0 else False
     trainer = instantiate(trainer_cfg, logger=loggers, **({} if speedups else {"callbacks": []}), **kwargs)
@@ -304,7 +304,7 @@ def main() -> None:
                 module.enable_speedups(channels_last=True)
             if name == "compile":  # torch.compile, default mode
                 module.enable_speedups(compile=True, channels_last=True)
-            if name == "compile_cg":  # torch.compile with CUDA graphs (mode reduce-overhead: conf/trainer/gpu.yaml)
+            if name == "compile_cg":  # torch.compile with CUDA graphs (mode reduce-overhead: src/cns_lightning/conf/trainer/gpu.yaml)
                 module.enable_speedups(compile={"mode": "reduce-overhead"}, channels_last=True)
             method.setup(ctx)
             module.begin_stage(method.begin_stage(ctx, 0, c0))
@@ -424,7 +424,7 @@ def print_table(r: dict) -> None:
 
 # ------------------------------------------------------------------------------------------- DDP
 def ddp_main(args, out: Path, cache: Path, results: dict) -> None:
-    """One stage under conf/trainer/ddp.yaml (launched by torchrun), then weight equality across
+    """One stage under src/cns_lightning/conf/trainer/ddp.yaml (launched by torchrun), then weight equality across
     ranks; and prior generation split across ranks. Compare with a 1-GPU run of the same script."""
     import torch.distributed as dist
 

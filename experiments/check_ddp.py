@@ -2,9 +2,9 @@
 
 On the ``tiny`` pipeline with 2 ranks (gloo on the CPU, or NCCL with --gpu): prior images are
 generated split across the ranks into one folder; one masked stage trains under Lightning's DDP
-(conf/trainer/ddp.yaml's settings: strategy ddp, no distributed sampler; ``--strategy masked``:
-conf/trainer/ddp_masked.yaml's MaskedDDPStrategy, which all-reduces only the masked gradient
-entries; ``--strategy compact``: conf/trainer/ddp_compact.yaml's CompactGradStrategy, no DDP
+(src/cns_lightning/conf/trainer/ddp.yaml's settings: strategy ddp, no distributed sampler; ``--strategy masked``:
+src/cns_lightning/conf/trainer/ddp_masked.yaml's MaskedDDPStrategy, which all-reduces only the masked gradient
+entries; ``--strategy compact``: src/cns_lightning/conf/trainer/ddp_compact.yaml's CompactGradStrategy, no DDP
 wrapper, one all-reduce of the optimizer's compact gradients); then every rank's K/V
 and token embeddings must be bit-identical, entries outside the mask unchanged, and only rank 0
 writes the stage folder. Prints one line per check; exits non-zero on a failure.

@@ -4,7 +4,7 @@ On the ``tiny`` pipeline, two masked stages (the second with L_reg active) run t
 code path (ContinualModule + a masked stage + ConceptDataModule + Lightning Trainer) on:
 
   cpu fp32 (the reference) | cuda fp32 (TF32 off) | cuda bf16-mixed | cuda bf16-mixed + SpeedUps
-  (torch.compile + channels-last, the conf/trainer/gpu.yaml setting)
+  (torch.compile + channels-last, the src/cns_lightning/conf/trainer/gpu.yaml setting)
 
 and checks, for every GPU run:
   1. bit-exact masking: every entry outside the stage's mask, every other token row, and every

@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
+CONF = ROOT / "src" / "cns_lightning" / "conf"  # the shipped configs (package data)
 
 
 def make_concept_folder(folder: str | os.PathLike, n: int = 3, seed: int = 0, size: int = 48,
@@ -85,5 +86,5 @@ def compose_cfg(tmp_path: Path, overrides: list[str]):
     folder and caches under tmp_path."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=[*overrides, f"paths.run_dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"])

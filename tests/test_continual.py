@@ -79,3 +79,14 @@ def test_multirun_over_methods(tmp_path, concept_dirs, env):
     cns = json.loads((tmp_path / "out/default/multirun/cns/seed0/summary.json").read_text())
     rnd = json.loads((tmp_path / "out/default/multirun/random_neurons/seed0/summary.json").read_text())
     assert [s["concept_entries"] for s in cns["stages"]] == [s["concept_entries"] for s in rnd["stages"]]
+
+
+def test_console_names_each_stage_and_ends_with_a_summary_and_the_report_path(tmp_path, concept_dirs, env):
+    proc = run_cli([concepts_override(concept_dirs[:2]), *FAST, "eval.enabled=true", "eval.n_images=1", "eval.max_prompts=1", "eval.num_inference_steps=2"], env)
+    run = _run_dir(tmp_path)
+    out = proc.stdout
+    assert "[cns] stage 1/2: teddy (<new1>, cns, 4 steps)" in out and "[cns] stage 2/2: mug (<new2>, cns, 4 steps)" in out
+    assert out.index("stage 1/2: teddy") < out.index("stage 2/2: mug")
+    assert f"[cns] complete: 2 of 2 concepts (teddy, mug) in {run}" in out
+    assert f"  report: {run / 'report.md'}" in out and (run / "report.md").is_file()
+    assert "  concepts learned: " in out and " of 2; still learned after the last stage: " in out

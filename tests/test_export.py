@@ -75,13 +75,15 @@ def tiny_run(root: Path) -> tuple[Path, list[dict]]:
             Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     concepts = ",".join(f"{{name:{n},class_name:{c},path:{root / 'images' / n}}}" for n, c in CONCEPTS)
     run_dir = root / "run"
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "src" / "cns_lightning" / "conf"), version_base="1.3"):
         cfg = compose(
             "config",
             overrides=[
                 f"data.concepts=[{concepts}]", "method.steps=3", "prior.num_images=1", "prior.num_inference_steps=2",
                 "calibration.num_prompts=4", f"paths.run_dir={run_dir}", f"paths.cache_dir={root / 'cache'}",
                 "device=cpu", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
+                "model.guidance_scale=2.5",  # generate and the model card take it (not a fixed 6.0)
+                "data.token_init=random",  # restore must rebuild the not-yet-learned token's random row
             ],
         )
     with open_dict(cfg):
@@ -183,6 +185,7 @@ def test_export_loads_with_plain_diffusers_and_matches_the_restored_run(run_and_
     main([str(run_dir), str(out)])
     card = (out / "README.md").read_text()
     assert "`<new1>`" in card and "`<new2>`" in card
+    assert "guidance_scale=2.5" in card and "6.0" not in card  # the run's model.guidance_scale
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"], "temp folder left behind"
     # a standard folder: every component is a diffusers / transformers class (no custom code to load)
     index = json.loads((out / "model_index.json").read_text())

@@ -30,6 +30,7 @@ def test_generate_writes_images_for_prompts_combining_concepts(run_dir, tmp_path
     assert [r["prompt"] for r in meta["prompts"]] == prompts
     assert meta["prompts"][0]["tokens"] == ["<new1>", "<new2>"] and meta["prompts"][1]["tokens"] == ["<new2>"]
     assert meta["prompts"][0]["seeds"] == [5, 6] and meta["stage"] == 2
+    assert meta["guidance"] == 2.5  # no --guidance: the run's model.guidance_scale (tiny_run sets 2.5)
     assert sorted(f for r in meta["prompts"] for f in r["files"]) == [p.name for p in pngs]
     # same seed, same image: image 2 generated alone (batch of 1) equals image 2 of the batched call
     again = main([str(run_dir), "--prompt", prompts[1], "--n", "1", "--steps", "2", "--seed", "6", "--out", str(tmp_path / "one")])

@@ -184,6 +184,34 @@ def test_large_png_is_reduced_by_integer_factor(tmp_path):
     assert load_image(path, reduce_to=500).size == (1200, 800)  # < 2x: untouched
 
 
+@pytest.mark.parametrize("kind", ["palette", "palette_transparent", "bilevel", "grey16", "animated_gif", "cmyk"])
+def test_any_mode_is_converted_before_the_size_reduction(tmp_path, kind):
+    """Short side >= 2 x reduce_to: the image is reduced after its conversion to RGB, whatever its
+    mode (Image.reduce refuses P, 1 and I;16: "image has wrong mode"), and the reduced pixels are
+    the box-reduction of the full-size RGB conversion."""
+    a = np.zeros((120, 200, 3), np.uint8)  # left half one colour, right half another
+    a[:, :100] = (200, 40, 10)
+    a[:, 100:] = (10, 40, 200)
+    rgb = Image.fromarray(a)
+    im, save, suffix = {
+        "palette": (rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=4), {}, ".png"),
+        "palette_transparent": (rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=4), {"transparency": 0}, ".png"),
+        "bilevel": (rgb.convert("1"), {}, ".png"),
+        "grey16": (Image.fromarray(a[..., 0].astype(np.uint16) * 257), {}, ".png"),
+        "animated_gif": (rgb.convert("P"), {"save_all": True, "append_images": [Image.new("P", (200, 120), 0)]}, ".gif"),
+        "cmyk": (rgb.convert("CMYK"), {}, ".tif"),
+    }[kind]
+    path = _save(im, tmp_path / f"{kind}{suffix}", **save)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the animated image's first-frame notice
+        full = load_image(path)
+        small = load_image(path, reduce_to=30)
+    assert small.mode == "RGB" and small.size == (50, 30)  # factor 120 // 30 = 4
+    np.testing.assert_array_equal(np.asarray(small), np.asarray(full.reduce(4)))
+    left, right = np.asarray(small)[15, 10].astype(int), np.asarray(small)[15, 40].astype(int)
+    assert not np.array_equal(left, right)  # the two halves survive the conversion
+
+
 def test_image_smaller_than_min_side(tmp_path):
     path = _save(Image.new("RGB", (30, 20)), tmp_path / "tiny.png")
     with pytest.raises(ImageInputError) as err:
@@ -279,6 +307,24 @@ def test_list_images_errors(tmp_path):
     (empty / "caption.txt").write_text("a caption")
     with pytest.raises(ImageInputError, match="empty.*no image files.*Fix: put"):
         list_images(empty)
+
+
+def test_list_images_names_dangling_links_and_link_loops(tmp_path):
+    """A symbolic link with an image suffix that leads to no file is an error naming it (it used
+    to be dropped silently, so a concept could lose images unnoticed); a link to an image counts."""
+    Image.new("RGB", (4, 4)).save(tmp_path / "real.png")
+    (tmp_path / "link.png").symlink_to(tmp_path / "real.png")
+    assert [p.name for p in list_images(tmp_path)] == ["link.png", "real.png"]
+    (tmp_path / "gone.png").symlink_to(tmp_path / "moved_away.png")
+    with pytest.raises(ImageInputError, match=r"gone.png: is a symbolic link to .*moved_away.png, which does not exist.*Fix: point the link"):
+        list_images(tmp_path)
+    (tmp_path / "gone.png").unlink()
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    with pytest.raises(ImageInputError, match=r"loop.jpg: is a symbolic link loop.*Fix"):
+        list_images(tmp_path)
+    (tmp_path / "loop.jpg").unlink()
+    (tmp_path / "notes.txt").symlink_to(tmp_path / "nothing.txt")  # not an image name: ignored as before
+    assert [p.name for p in list_images(tmp_path)] == ["link.png", "real.png"]
 
 
 # ----------------------------------------------------------------------------------------------

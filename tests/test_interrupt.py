@@ -129,6 +129,7 @@ PHASES = {
     "make_evaluator": "evaluation", "before_training": "evaluation", "after_stage": "evaluation", "evaluate": "evaluation", "finish": "evaluation",
     "begin_stage": "selection", "fit_stage": "training", "fit": "training", "end_stage": "saving", "write_stage": "saving", "save_json": "saving",
     "ranks_agree": "saving", "atomic_write_bytes": "writing config.yaml", "check_run_folder": "run folder check",
+    "warn_words_it_cannot_draw": "input checks", "validation_callback": "training", "say": "console", "final_message": "console",
 }
 
 

@@ -19,7 +19,7 @@ from cns_lightning.evaluation.loggers import (
     read_wandb_history,
 )
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "src" / "cns_lightning" / "conf"
 
 
 def compose(overrides: list[str]):

@@ -26,7 +26,7 @@ from cns_lightning.export import export_pipeline
 from cns_lightning.methods import METHODS, Method, build_method, method_class
 from cns_lightning.preflight import ConfigValueError, leaf_keys, check_method_keys
 from cns_lightning.restore import load_run
-from conftest import FAST, ROOT, compose_cfg, concepts_override, make_concept_folder
+from conftest import CONF, FAST, compose_cfg, concepts_override, make_concept_folder
 
 NAMES = ("teddy", "mug")
 STAGE_TENSORS = ".safetensors"
@@ -141,7 +141,7 @@ def test_a_bad_knob_fails_before_anything_is_written(tmp_path, method):
     assert not (tmp_path / "run").exists(), "a run folder was written for a bad knob"
 
 
-@pytest.mark.parametrize("option", sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml")))
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "method").glob("*.yaml")))
 def test_each_method_config_names_its_class_and_only_its_knobs(tmp_path, option):
     """conf/method/<option>.yaml composes (hydra.compose, in-process) to a ``_target_`` of a
     registered method and exactly the keys that method declares (the shared ones included)."""
@@ -158,7 +158,7 @@ def test_each_method_config_names_its_class_and_only_its_knobs(tmp_path, option)
 
 def test_every_registered_method_has_a_config():
     targets = set()
-    for p in (ROOT / "conf" / "method").glob("*.yaml"):
+    for p in (CONF / "method").glob("*.yaml"):
         text = p.read_text()
         targets |= {line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("_target_:")}
     assert {cls.target() for cls in METHODS.values()} <= targets

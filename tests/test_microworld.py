@@ -160,3 +160,47 @@ def test_shipped_clip_ranks_true_captions_above_wrong_attributes():
     ids = proc.tokenizer(["a small blue dog on the left, on a grass background"], return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(te(ids).last_hidden_state, clip.text_model(ids).last_hidden_state, atol=1e-5)
+
+
+def test_every_world_caption_uses_only_caption_words():
+    """CAPTION_WORDS is the whole caption grammar: sampled scenes and every micro concept's
+    captions and prompts have no word outside it."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        assert W.words_outside_the_world(W.sample_scene(rng).caption()) == []
+    for mc in C.CONCEPTS.values():
+        texts = [*mc.captions(), *mc.eval_prompts]
+        assert all(W.words_outside_the_world(t.replace("{class}", mc.class_name)) == [] for t in texts), mc.name
+
+
+def test_own_concepts_on_the_micro_model_warn_on_words_it_cannot_draw(tmp_path):
+    """Through the loop's input checks (model=micro): an own concept captioned 'photo of a ...
+    teddy bear' warns, naming the words and where they are; a world-worded one and the micro
+    world's own concepts do not; another model does not check."""
+    import warnings
+
+    from conftest import compose_cfg, concepts_override, make_concept_folder
+    import cns_lightning.__main__  # noqa: F401  (registers the ${micro_asset:...} resolver)
+    from cns_lightning import continual
+
+    teddy = make_concept_folder(tmp_path / "data" / "teddy", n=2, captions=["photo of a {token} teddy bear on the sofa"])
+    dog = make_concept_folder(tmp_path / "data" / "dog", n=2, captions=["a large {token} dog in the center, on a white background"])
+    own = concepts_override([teddy, dog], classes=("teddy bear", "dog"))[len("data.concepts=["):-1]
+    override = f"data.concepts=[{own},{{name:cat_tabby,source:microworld}}]"
+    # the dog's default evaluation prompts (DreamBooth's: jungle, chef outfit ...) are not world words either
+    cfg = compose_cfg(tmp_path, ["+experiment=seq7", override, "eval.enabled=false"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        continual.check_inputs(cfg)
+    msgs = [str(w.message) for w in caught if "micro world cannot draw" in str(w.message)]
+    assert len(msgs) == 2, msgs
+    assert msgs[0].startswith("data.concepts[0] ('teddy') on model=micro: the micro world cannot draw 'photo', 'of', 'teddy', 'bear', 'sofa'")
+    assert "(first in the caption of 00.png: 'photo of a <new1> teddy bear on the sofa')" in msgs[0]
+    assert msgs[1].startswith("data.concepts[1] ('dog') on model=micro: the micro world cannot draw 'jungle'")
+    assert "first in an evaluation prompt: 'a dog in the jungle'" in msgs[1]
+    assert "caption_template: 'a large {token} {class} in the center, on a white background'" in msgs[0]
+    cfg = compose_cfg(tmp_path / "tiny", [override])  # model=tiny: no check
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        continual.check_inputs(cfg)
+    assert not [w for w in caught if "micro world cannot draw" in str(w.message)]

@@ -23,7 +23,7 @@ from cns_lightning.concepts import ConceptError
 from cns_lightning.images import ImageInputError
 from cns_lightning.module import ContinualModule
 from cns_lightning.preflight import ConfigValueError, output_bytes
-from conftest import FAST, ROOT, compose_cfg, concepts_override, make_concept_folder, run_cli
+from conftest import CONF, FAST, ROOT, compose_cfg, concepts_override, make_concept_folder, run_cli
 
 FAST_INPROC = [*FAST, "~logger"]
 
@@ -78,6 +78,12 @@ def _jsonl_unknown_file(d: Path) -> Path:
     return f
 
 
+def _link(d: Path, name: str, target: str) -> Path:
+    f = make_concept_folder(d / "c", n=2)
+    (f / name).symlink_to(f / target)
+    return f
+
+
 BAD_FOLDERS = {
     "missing folder": (_missing, "nope: concept folder does not exist"),
     "empty folder": (_empty, "holds no image files"),
@@ -87,6 +93,8 @@ BAD_FOLDERS = {
     "far too small": (lambda d: _with(d, "02.png", image=Image.new("RGB", (4, 6))), "02.png: image is 4x6, its short side 4 px is below the required 8 px"),
     "captions do not match": (_captions_mismatch, "1 of 3 images have a caption .txt file but 01.png, 02.png do not"),
     "jsonl names a missing file": (_jsonl_unknown_file, "names 07.png, which does not exist"),
+    "dangling symlink": (lambda d: _link(d, "02.png", "moved.png"), "02.png: is a symbolic link to"),
+    "symlink loop": (lambda d: _link(d, "02.png", "02.png"), "02.png: is a symbolic link loop"),
 }
 
 
@@ -129,6 +137,11 @@ def _awkward_folder(folder: Path) -> Path:
     frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:], duration=50)
     Image.fromarray(rgb).resize((4000, 3000)).save(folder / "large.jpg", quality=80)  # 12 MP, decoded at 1/64
     Image.fromarray(rgb).resize((16, 16)).save(folder / "small.png")  # below 32 px: upscaled, with a warning
+    # the same modes at >= 2x the resolution: converted to RGB, then reduced while loading
+    Image.fromarray(rgb).resize((96, 72)).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette_large.png")
+    Image.fromarray(rng.integers(0, 65536, (80, 80)).astype(np.uint16)).save(folder / "deep16_large.png")
+    big = [Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)) for _ in range(2)]
+    big[0].save(folder / "animated_large.gif", save_all=True, append_images=big[1:], duration=50)
     return folder
 
 
@@ -359,8 +372,8 @@ def test_a_stage_stopped_early_is_not_saved_as_complete(tmp_path, concept_dirs):
     assert stage_names(tmp_path / "run") == []
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
-@pytest.mark.parametrize("model", sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")))
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
 def test_every_experiment_composes_with_every_model(tmp_path, experiment, model):
     """`+experiment=X model=Y` resolves for every pair (seq7 read ${model.guidance_scale}, which
     only the micro model had: `+experiment=seq7 model=sd15_random` failed on its first GPU run)."""

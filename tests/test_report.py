@@ -144,3 +144,45 @@ def test_selection_folder_layout_is_read_too(tmp_path):
     (tmp_path / "selection" / "stage_03_vase.json").write_text(json.dumps({"layers": {}, "total": {"concept_density": 0.1}}))
     assert read_selection_stats(tmp_path) == [(3, "vase", {"layers": {}, "total": {"concept_density": 0.1}})]
     assert np.isnan(EvalState.new(["a"], "c", {}).matrices["clip_i"]).all()
+
+
+def test_report_title_names_the_run_and_lists_every_token(tmp_path):
+    (tmp_path / "config.yaml").write_text(
+        "name: seq7\ntag: _l1_0.5\nseed: 3\nmodel: {name: micro}\nmethod: {name: cns}\n"
+        "data:\n  concepts:\n  - {name: dog, class_name: dog, category: live_subject, path: /x}\n"
+        "  - {name: mug, class_name: mug, token: '<mymug>', path: /y}\n  - {name: cat_tabby, source: microworld}\n")
+    md = write_report(tmp_path, make_state(tmp_path)).read_text()
+    assert md.startswith("# Evaluation report: seq7, method cns (tag _l1_0.5), seed 3, model micro\n")
+    assert "| 1 | `<new1>` | dog | dog | live_subject |" in md
+    assert "| 2 | `<mymug>` | mug | mug | object |" in md
+    assert "| 3 | `<new3>` | cat_tabby | cat | live_subject |" in md  # a micro-world concept's class noun
+
+
+def test_layer_labels_are_readable():
+    from cns_lightning.evaluation.report import layer_label
+
+    assert layer_label("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight") == "down 1.0 K"
+    assert layer_label("up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_v.weight") == "up 3.2 V"
+    assert layer_label("mid_block.attentions.0.transformer_blocks.1.attn2.to_k.weight") == "mid 0 t1 K"
+    assert layer_label("something.else.weight") == "something.else"
+
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_legends_cover_no_panel(tmp_path):
+    """Every legend of the curves and selection figures lies outside every axes (none hides a curve)."""
+    from cns_lightning.evaluation.report import curves_figure, read_selection_stats, selection_figure
+
+    st = make_state(tmp_path)
+    for k in range(1, 3):
+        write_selection(tmp_path, k, ["dog", "mug"][k - 1], 0.1)
+    for fig in (curves_figure(st), selection_figure(read_selection_stats(tmp_path))):
+        fig.tight_layout()
+        renderer = fig.canvas.get_renderer()
+        legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        assert len(legends) == 1
+        box = legends[0].get_window_extent(renderer)
+        for ax in fig.axes:
+            assert not _overlaps(box, ax.get_window_extent(renderer)), "a legend covers a panel"

@@ -18,11 +18,10 @@ for _name, _fn in OMEGACONF_RESOLVERS.items():
         OmegaConf.register_new_resolver(_name, _fn)
 
 
-def config_dir() -> str:
-    """The config folder: $CNS_CONFIG_DIR, else the repository's conf/ (editable install)."""
-    if os.environ.get("CNS_CONFIG_DIR"):
-        return os.environ["CNS_CONFIG_DIR"]
-    return str(Path(__file__).resolve().parents[2] / "conf")
+# The configs ship inside the package (src/cns_lightning/conf/), so a wheel install finds them;
+# ``--config-dir DIR`` adds a user's own folder to the search path (its groups and experiments
+# beside the shipped ones; same-named files in DIR win).
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 
 
 # Known-harmless notices from Lightning that would drown the run's own output.
@@ -31,7 +30,7 @@ for pattern in (".*LeafSpec.*", ".*in eval mode at the start of training.*", ".*
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-@hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from .continual import run
     from .distributed import teardown_distributed

@@ -175,7 +175,7 @@ def concept_from_config(entry: Any, index: int) -> Concept:
 def concepts_from_config(entries: Any) -> list[Concept]:
     """All concepts of a sequence, checking that tokens and names are unique."""
     if not entries:
-        raise ConceptError("data.concepts is empty: list at least one concept (see conf/experiment/seq7.yaml)")
+        raise ConceptError("data.concepts is empty: list at least one concept (see src/cns_lightning/conf/experiment/seq7.yaml)")
     concepts = [concept_from_config(e, i) for i, e in enumerate(entries)]
     for attr in ("name", "token"):
         seen: dict[str, int] = {}

@@ -19,11 +19,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import CheckpointError, atomic_write_bytes, save_json
+from .checkpoint import CheckpointError, atomic_write_bytes, load_json, save_json
 from .concepts import Concept, concepts_from_config
 from .data import ConceptDataModule
 from .distributed import is_main_rank, ranks_agree, setup_distributed
 from .evaluation.loggers import build_loggers, log_hyperparameters, finish_loggers, log_stage
+from .evaluation.validation import validation_callback
 from .methods import FORMAT_VERSION, Method, RunContext, build_method
 from .methods.base import StageFormatError
 from .methods.stage import TrainingStage
@@ -33,7 +34,7 @@ from .preflight import check_concept_inputs, check_config_values, check_disk_spa
 from .prior import model_fingerprint, prior_images
 from .run_folder import RunFolderError, check_run_folder
 from .state import completed_stages, stage_dir, write_stage
-from .tokens import add_concept_tokens, check_token_in_captions
+from .tokens import add_concept_tokens, check_token_in_captions, token_init
 
 
 class RunError(RuntimeError):
@@ -109,6 +110,10 @@ def check_inputs(cfg: DictConfig) -> Run:
     check_config_values(cfg)  # every knob of the run and of its method (knobs.py, Method.declared_knobs)
     method = build_method(cfg.method)
     check_concept_inputs(concepts, int(cfg.data.resolution), cache_dir)  # bad input fails before anything is written
+    if str(cfg.model.get("name", "")) == "micro":  # own concepts in words the micro world never saw: a warning each
+        from .microworld.concepts import warn_words_it_cannot_draw
+
+        warn_words_it_cannot_draw(concepts, cache_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         check_run_folder(run_dir, cfg)
@@ -127,7 +132,7 @@ def build(r: Run) -> None:
     pipe.to(setup_distributed(device))
     r.fingerprint = model_fingerprint(pipe)  # of the base model before any token is added: names its prior-image cache
     save_json(r.run_dir / "base_model.json", {"fingerprint": r.fingerprint, "name": str(cfg.model.get("name", ""))})
-    token_ids = add_concept_tokens(pipe.tokenizer, pipe.text_encoder, r.concepts)
+    token_ids = add_concept_tokens(pipe.tokenizer, pipe.text_encoder, r.concepts, init=token_init(cfg), seed=int(cfg.seed))
     check_token_in_captions(pipe.tokenizer, r.concepts, token_ids, r.cache_dir)
     check_outputs_fit(cfg, pipe, r.run_dir, r.cache_dir, len(r.concepts))
     r.ctx = RunContext(
@@ -193,6 +198,9 @@ def fit_stage(r: Run, m: int, stage: TrainingStage, stages_info: list[dict]) -> 
         num_workers=int(cfg.data.num_workers), seed=int(cfg.seed) + m, cache_dir=r.cache_dir,
     )
     trainer = instantiate(cfg.trainer, max_steps=steps, logger=r.loggers or False)
+    samples = validation_callback(cfg, r.ctx.pipe, concept, seed=int(cfg.seed))  # validation.every_n_steps > 0: samples during the stage
+    if samples is not None:
+        trainer.callbacks.append(samples)
     try:
         trainer.fit(r.module, datamodule=datamodule)
     except NonFiniteLossError as e:
@@ -253,6 +261,7 @@ def run(cfg: DictConfig) -> dict:
     stages_info = restore(r)
     for m in range(len(stages_info), len(r.concepts)):
         L.seed_everything(int(cfg.seed) + m, workers=True, verbose=False)  # each stage reproducible alone
+        say(f"stage {m + 1}/{len(r.concepts)}: {r.concepts[m].name} ({r.concepts[m].token}, {r.method.name}, {r.method.steps} steps)")
         t0 = time.time()
         stage = r.method.begin_stage(r.ctx, m, r.concepts[m])  # what trains (CNS: selects the concept's neurons)
         steps = fit_stage(r, m, stage, stages_info)
@@ -279,7 +288,30 @@ def finish(r: Run, stages_info: list[dict]) -> dict:
     if is_main_rank():
         save_json(r.run_dir / "summary.json", result)
     finish_loggers(r.loggers)  # wandb.finish() per job: every multirun job is its own W&B run
+    say(final_message(r.run_dir, result))
     return result
+
+
+def say(line: str) -> None:
+    """One progress line on the console (rank 0 only), flushed at once (logs of long runs)."""
+    if is_main_rank():
+        print(f"[cns] {line}", flush=True)
+
+
+def final_message(run_dir: Path, result: dict) -> str:
+    """The run's closing lines: what was learned, where the report and the stages are."""
+    stages = result["stages"]
+    lines = [f"{result['status']}: {len(stages)} of {len(result['concepts'])} concepts "
+             f"({', '.join(c['name'] for c in result['concepts'])}) in {run_dir}"]
+    results = run_dir / "eval" / "results.json"
+    if results.is_file():
+        learned = load_json(results).get("learned") or {}
+        if learned.get("of"):
+            lines.append(f"  concepts learned: {learned['learned']} of {learned['of']}; still learned after the last stage: {learned['kept']}")
+    report = run_dir / "report.md"
+    lines.append(f"  report: {report}" if report.is_file() else "  report: none (evaluation off; eval=default writes report.md)")
+    lines.append(f"  stages: {run_dir / 'stages'}; images: python -m cns_lightning.generate {run_dir} --prompt '...'")
+    return "\n".join(lines)
 
 
 def summary(cfg: DictConfig, concepts: list[Concept], stages: list[dict], status: str) -> dict:

@@ -176,7 +176,7 @@ class ConceptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Under DDP every rank draws its own samples (Lightning's distributed sampler is off:
-        # conf/trainer/ddp.yaml), from a stream seeded by the stage seed and the rank.
+        # src/cns_lightning/conf/trainer/ddp.yaml), from a stream seeded by the stage seed and the rank.
         rank = self.trainer.global_rank if self.trainer is not None else 0
         g = torch.Generator().manual_seed(self.seed + 1_000_003 * rank)
         sampler = RandomSampler(self.dataset, replacement=True, num_samples=self.steps * self.batch_size, generator=g)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, atomic_folder
 from .concepts import Concept, ConceptError
-from .restore import CONFIG, RestoreError, check_stage, load_run, read_run
+from .restore import CONFIG, RestoreError, check_stage, guidance_default, load_run, read_run
 
 CARD = "README.md"
 
@@ -37,6 +37,7 @@ def model_card(run_dir: Path, stage: int, total: int, concepts: list[Concept], c
     model = cfg.model.get("name") or cfg.model.get("_target_", "?")
     rows = "\n".join(f"| {i + 1} | `{c.token}` | {c.name} | {c.class_name} | {c.category} |" for i, c in enumerate(concepts))
     both = " and ".join(f"a {c.token} {c.class_name}" for c in concepts[:2])
+    guidance = guidance_default(cfg)
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -68,7 +69,7 @@ Write a token before its class noun, e.g. `{both}`.
 from diffusers import StableDiffusionPipeline
 
 pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")
-image = pipe("{both}", num_inference_steps=25, guidance_scale=6.0).images[0]
+image = pipe("{both}", num_inference_steps=25, guidance_scale={guidance:g}).images[0]
 ```
 """
 

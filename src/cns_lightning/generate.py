@@ -1,7 +1,7 @@
 """Images from one run with any subset of its learned concepts in one prompt.
 
 ``python -m cns_lightning.generate RUN_DIR --prompt "a <new1> dog next to a <new2> cat" [--prompt ...]
-[--n 4] [--seed 0] [--steps 25] [--guidance 6.0] [--stage N] [--out DIR]``
+[--n 4] [--seed 0] [--steps 25] [--guidance G] [--stage N] [--out DIR]``
 
 No fusion step: the model after stage N (``restore.load_run``) holds concepts 1..N at once. Image
 ``i`` of every prompt uses seed ``seed + i``, so an image can be reproduced alone. Writes
@@ -71,7 +71,7 @@ def generate(
     n: int = 4,
     seed: int = 0,
     steps: int = 25,
-    guidance: float = 6.0,
+    guidance: float | None = None,
     stage: int | None = None,
     out: str | Path | None = None,
     resolution: int | None = None,
@@ -88,6 +88,7 @@ def generate(
     for name, v, lo in (("--n", n, 1), ("--steps", steps, 1), ("--batch-size", batch_size, 1)):
         if v < lo:
             raise GenerateError(f"{name}={v}: must be at least {lo}")
+    guidance = info.guidance() if guidance is None else float(guidance)  # the run's model.guidance_scale by default
     res = int(resolution or info.resolution())
     if res < 8 or res % 8:
         raise GenerateError(f"--resolution={res}: must be a positive multiple of 8")
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
     ap.add_argument("--seed", type=int, default=0, help="image i uses seed+i (default 0)")
     ap.add_argument("--steps", type=int, default=25, help="inference steps (default 25)")
-    ap.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (default 6.0)")
+    ap.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the run's model.guidance_scale, 3.0 for model=micro, 6.0 for SD)")
     ap.add_argument("--stage", type=int, default=None, help="use the model after this stage (default: the last completed)")
     ap.add_argument("--out", default=None, help="output folder (default RUN_DIR/generated/stageNN_seedS)")
     ap.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the run's data.resolution)")

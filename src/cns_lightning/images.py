@@ -12,7 +12,9 @@ folder), what is wrong with it, and how to fix it.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import threading
 import warnings
 from contextlib import contextmanager
@@ -112,7 +114,7 @@ def load_image(
     * ``min_side``: an image whose short side is below it is refused (validation only).
     * ``reduce_to`` (e.g. the training resolution): an image whose short side is at least twice
       that is reduced while decoding (JPEG DCT scaling via ``draft``, then an integer box
-      ``reduce``) so that its short side stays >= ``reduce_to``; the caller resizes to the final
+      ``reduce``, after the conversion to RGB, so any mode can be reduced) so that its short side stays >= ``reduce_to``; the caller resizes to the final
       resolution anyway, and huge photos then cost little memory and time. ``None``: full size.
     * Missing, empty, non-image, truncated or corrupt files raise :class:`ImageInputError`;
       truncated files raise even if ``ImageFile.LOAD_TRUNCATED_IMAGES`` was switched on elsewhere.
@@ -157,11 +159,12 @@ def load_image(
                 if reduce_to and short >= 2 * reduce_to:  # draft is a no-op unless JPEG/MPO
                     im.draft("RGB", (width * reduce_to // short, height * reduce_to // short))
                 im.load()
-                out = ImageOps.exif_transpose(im)
+                # to RGB first: Image.reduce refuses palette, 1-bit and 16-bit modes ("image has
+                # wrong mode"), and averaging palette indices would be wrong anyway
+                out = _to_rgb(ImageOps.exif_transpose(im))
                 factor = min(out.size) // reduce_to if reduce_to else 1
                 if factor >= 2:
                     out = out.reduce(factor)
-                out = _to_rgb(out)
                 if out is im:
                     out = im.copy()
                 out.load()
@@ -181,11 +184,27 @@ def load_image(
         raise _error(path, problem, replace) from exc
 
 
+def _broken_link(path: Path) -> str | None:
+    """What is wrong with ``path`` when it is a symbolic link that leads to no file (dangling, or
+    a loop), else ``None``."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link loop (it leads back to itself)"
+        return f"is a symbolic link to {os.readlink(path)}, which does not exist (dangling link)"
+    return None
+
+
 def list_images(folder: Path) -> list[Path]:
     """The image files of a concept folder, sorted by name (not recursive).
 
     Files count as images by suffix (case-insensitive, :data:`IMAGE_SUFFIXES`); hidden files,
-    caption ``.txt`` files, ``metadata.jsonl`` and sub-folders are ignored.
+    caption ``.txt`` files, ``metadata.jsonl`` and sub-folders are ignored. Symbolic links to
+    images are followed; one with an image suffix that leads nowhere (dangling, or a loop) is an
+    error naming it, not silently dropped.
     """
     folder = Path(folder)
     if not folder.exists():
@@ -193,11 +212,13 @@ def list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise _error(folder, "is a file, not a concept folder",
                      "point the concept's path at the folder that holds its images")
-    images = sorted(
-        (p for p in folder.iterdir()
-         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES),
-        key=lambda p: p.name,
-    )
+    named = sorted((p for p in folder.iterdir() if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES),
+                   key=lambda p: p.name)
+    for p in named:
+        broken = _broken_link(p)
+        if broken:
+            raise _error(p, broken, "point the link at an existing image file, or remove the link from the concept folder")
+    images = [p for p in named if p.is_file()]
     if not images:
         raise _error(
             folder,

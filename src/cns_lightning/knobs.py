@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .prior import PRECISIONS
+from .tokens import TOKEN_INITS
 
 # Config groups that define a run: a folder holding a run with other values there is not resumed.
 IDENTITY_GROUPS = ("model", "data", "method", "seed", "prior", "calibration")
@@ -53,6 +54,7 @@ RUN_KNOBS: tuple[Knob, ...] = (
     Knob("data.flip_p", "float", 0.0, 1.0),
     Knob("data.cache_latents", "bool"),
     Knob("data.random_crop", "bool"),
+    Knob("data.token_init", "choice", choices=TOKEN_INITS, added=True),
     Knob("prior.enabled", "bool"),
     Knob("prior.num_images", "int", 0),
     Knob("prior.num_inference_steps", "int", 1),
@@ -61,6 +63,10 @@ RUN_KNOBS: tuple[Knob, ...] = (
     Knob("prior.precision", "choice", choices=PRECISIONS, added=True),
     Knob("prior.compile", "bool", added=True),
     Knob("resume", "bool"),
+    Knob("validation.every_n_steps", "int", 0, identity=False, added=True),
+    Knob("validation.num_images", "int", 1, identity=False, added=True),
+    Knob("validation.num_inference_steps", "int", 1, identity=False, added=True),
+    Knob("validation.guidance_scale", "float", 0.0, identity=False, added=True),
     Knob("min_free_bytes", "int", 0),
     Knob("trainer.strategy.sigterm_check_every_n_steps", "int", 1),  # trainer=ddp_compact
 )

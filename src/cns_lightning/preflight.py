@@ -67,7 +67,7 @@ def check_method_keys(cfg: DictConfig) -> None:
         if key not in declared:
             raise ConfigValueError(
                 f"method.{key} is not a knob of method {cfg.method.get('name')!r} ({cls.target()}); "
-                f"its knobs: {', '.join(sorted(declared))}. Fix the override or conf/method/*.yaml."
+                f"its knobs: {', '.join(sorted(declared))}. Fix the override or src/cns_lightning/conf/method/*.yaml."
             )
 
 

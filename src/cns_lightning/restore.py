@@ -25,7 +25,7 @@ from .checkpoint import MANIFEST, CheckpointError
 from .concepts import Concept, concepts_from_config
 from .methods import MethodConfigError, RunContext, StageFormatError, build_method
 from .state import check_concept, read_stage, stage_dir
-from .tokens import add_concept_tokens
+from .tokens import add_concept_tokens, token_init
 
 CONFIG = "config.yaml"
 
@@ -50,6 +50,16 @@ class RunInfo:
         data = self.cfg.get("data") or {}
         model = self.cfg.get("model") or {}
         return int(data.get("resolution") or model.get("resolution") or 512)
+
+    def guidance(self) -> float:
+        return guidance_default(self.cfg)
+
+
+def guidance_default(cfg) -> float:
+    """A run's sampling default, ``model.guidance_scale`` (micro 3.0, SD 6.0); 6.0 (Custom
+    Diffusion's) for configs written before the knob existed."""
+    model = cfg.get("model") or {}
+    return float(model.get("guidance_scale") or 6.0)
 
 
 def read_run(run_dir: str | Path) -> RunInfo:
@@ -149,7 +159,8 @@ def load_run(
         stages.append(s)
 
     pipe = build_base(info.cfg, device)
-    ids = add_concept_tokens(pipe.tokenizer, pipe.text_encoder, info.concepts if tokens == "all" else learned)
+    ids = add_concept_tokens(pipe.tokenizer, pipe.text_encoder, info.concepts if tokens == "all" else learned,
+                             init=token_init(info.cfg), seed=int(info.cfg.get("seed", 0)))
     ctx = RunContext(pipe=pipe, concepts=learned, token_ids=ids, seed=int(info.cfg.get("seed", 0)))
     method.setup(ctx)
     try:

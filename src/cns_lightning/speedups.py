@@ -1,4 +1,4 @@
-"""GPU speed-ups for the training step, switched on from the trainer config (conf/trainer/gpu.yaml).
+"""GPU speed-ups for the training step, switched on from the trainer config (src/cns_lightning/conf/trainer/gpu.yaml).
 
 ``SpeedUps`` is a Lightning callback: at ``setup`` it asks the ``ContinualModule`` for a channels-last
 UNet and a ``torch.compile``d training forward (``ContinualModule.enable_speedups``). Both are done once

@@ -6,13 +6,20 @@ import torch
 
 from .concepts import Concept, ConceptError
 
+# data.token_init: what a new token's embedding starts from (initial_embedding)
+TOKEN_INITS = ("class_noun", "rare_word", "random")
+CUSTOM_DIFFUSION_WORDS = ("ktn", "pll", "ucd")  # diffusers train_custom_diffusion.py --initializer_token default
 
-def add_concept_tokens(tokenizer, text_encoder, concepts: list[Concept]) -> dict[str, int]:
-    """Add every concept's token (in sequence order) and initialise its embedding.
 
-    The embedding starts as the mean embedding of the tokens of ``init_word`` (default: the class
-    noun), as Custom Diffusion initialises its modifier token from a word. Returns name -> token id.
-    """
+def token_init(cfg) -> str:
+    """A run config's ``data.token_init``; a run folder written before the knob existed used ``class_noun``."""
+    data = cfg.get("data") or {}
+    return str(data.get("token_init", "class_noun"))
+
+
+def add_concept_tokens(tokenizer, text_encoder, concepts: list[Concept], init: str = "class_noun", seed: int = 0) -> dict[str, int]:
+    """Add every concept's token (in sequence order) and initialise its embedding with
+    :func:`initial_embedding` (``init``: ``data.token_init``). Returns name -> token id."""
     ids = {}
     vocab = tokenizer.get_vocab()
     for i, c in enumerate(concepts):
@@ -39,13 +46,61 @@ def add_concept_tokens(tokenizer, text_encoder, concepts: list[Concept]) -> dict
                 f"data.concepts[{i}].token={c.token!r}: in a caption the tokenizer does not read it as its own new token "
                 f"({why}); give every concept its own token such as '<new{i + 1}>'"
             )
+    if init not in TOKEN_INITS:
+        raise ConceptError(f"data.token_init={init!r}: choose one of {', '.join(TOKEN_INITS)}")
+    first_new = len(text_encoder.get_input_embeddings().weight)
     text_encoder.resize_token_embeddings(len(tokenizer))
     emb = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
-        for c in concepts:
-            init = tokenizer(c.init_word or c.class_name, add_special_tokens=False).input_ids
-            emb[ids[c.name]] = emb[init].mean(0) if init else emb[: ids[c.name]].mean(0)
+        vocab_rows = emb[:first_new]
+        for m, c in enumerate(concepts):
+            emb[ids[c.name]] = initial_embedding(tokenizer, vocab_rows, c, m, init, seed).to(emb.dtype)
     return ids
+
+
+def initial_word(concept: Concept, index: int, init: str) -> str | None:
+    """The word whose embedding a concept's new token starts from (None: ``random``).
+
+    A concept's own ``init_word`` wins. Else ``class_noun``: its class noun (textual inversion's
+    ``--initializer_token``, a coarse descriptor of the concept); ``rare_word``: the rare words of
+    Custom Diffusion's ``--initializer_token`` default ``ktn+pll+ucd`` (diffusers
+    ``train_custom_diffusion.py``, which looks each up as one vocabulary entry, id 42170 for "ktn";
+    the Custom Diffusion paper initialises its modifier token "with a rarely occurring token
+    embedding"), concept m taking word m (cycled after three).
+    """
+    if concept.init_word:
+        return concept.init_word
+    if init == "class_noun":
+        return concept.class_name
+    if init == "rare_word":
+        return CUSTOM_DIFFUSION_WORDS[index % len(CUSTOM_DIFFUSION_WORDS)]
+    return None
+
+
+def initial_embedding(tokenizer, vocab_rows: torch.Tensor, concept: Concept, index: int, init: str, seed: int) -> torch.Tensor:
+    """The first embedding of concept ``index``'s new token (``data.token_init``).
+
+    From a word (:func:`initial_word`): the mean embedding of the word's tokens (one token for the
+    usual class noun or rare word; the mean for a word the tokenizer splits). ``random``: a row
+    drawn from N(mean, std) of the vocabulary's rows, per feature, seeded by ``seed`` and the
+    concept's place (the same row in the loop and in ``restore``), as a new row of
+    ``resize_token_embeddings`` is a random normal row.
+    """
+    word = initial_word(concept, index, init)
+    if init == "rare_word" and not concept.init_word:
+        # a vocabulary entry, as diffusers' script reads it (tokenizer.encode([word]) looks the
+        # string up as one token): "ktn" is entry 42170 of the CLIP vocabulary, not the word "ktn"
+        return vocab_rows[tokenizer.convert_tokens_to_ids(word)]
+    if word is not None:
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        if not ids:
+            raise ConceptError(f"data.concepts[{index}] ({concept.name!r}): the token's initial word {word!r} has no tokens; "
+                               "set init_word to a word of the vocabulary, or data.token_init=random")
+        return vocab_rows[ids].mean(0)  # in the embedding's dtype, as before this knob existed
+    rows = vocab_rows.detach().float()
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + index)
+    noise = torch.randn(rows.shape[1], generator=g).to(rows.device)
+    return rows.mean(0) + rows.std(0) * noise
 
 
 def check_token_in_captions(tokenizer, concepts: list[Concept], ids: dict[str, int], cache_dir=None) -> None:

@@ -1,4 +1,4 @@
-"""Lightning loggers from ``conf/logger/*.yaml``, and per-stage logging of evaluation results.
+"""Lightning loggers from ``src/cns_lightning/conf/logger/*.yaml``, and per-stage logging of evaluation results.
 
 * :func:`build_loggers` - instantiate the ``logger`` config group (a dict of Lightning logger
   configs, possibly empty) into a list of Lightning loggers. W&B runs offline unless
@@ -48,7 +48,7 @@ def build_loggers(cfg: Any) -> list:
         if not isinstance(item, Mapping) or "_target_" not in item:
             raise ValueError(
                 f"logger config entry {i} ({item!r}) has no _target_; each entry must be a Lightning logger config, "
-                "e.g. {_target_: lightning.pytorch.loggers.CSVLogger, save_dir: ...} (see conf/logger/)"
+                "e.g. {_target_: lightning.pytorch.loggers.CSVLogger, save_dir: ...} (see src/cns_lightning/conf/logger/)"
             )
         if item["_target_"].endswith("WandbLogger"):
             os.environ.setdefault("WANDB_MODE", "offline")
@@ -151,6 +151,29 @@ def log_stage(
                         wr.writerows(rows)
             if hasattr(logger, "save"):
                 logger.save()
+
+
+def log_images(loggers: Iterable, step: int, images: Mapping[str, Image.Image], captions: Mapping[str, str] | None = None) -> None:
+    """Log images at a training step to every logger (validation samples during a stage).
+
+    W&B: ``WandbLogger.log_image`` (on Lightning's ``trainer/global_step`` axis, with the caption).
+    TensorBoard: ``add_image`` at ``global_step=step``. CSV (and loggers with a ``log_dir``): PNG
+    files ``<log_dir>/media/<key>_step<step>.png``.
+    """
+    captions = dict(captions or {})
+    for logger in loggers:
+        kind = _kind(logger)
+        for k, im in images.items():
+            if kind == "wandb":
+                logger.log_image(key=k, images=[im], step=step, caption=[captions.get(k, k)])
+            elif kind == "tensorboard":
+                logger.experiment.add_image(k, np.asarray(im.convert("RGB")), global_step=step, dataformats="HWC")
+            elif getattr(logger, "log_dir", None):
+                media = Path(logger.log_dir) / "media"
+                media.mkdir(parents=True, exist_ok=True)
+                im.save(media / f"{_safe(k)}_step{step:06d}.png")
+        if kind == "tensorboard":
+            logger.experiment.flush()
 
 
 def _log_wandb(logger, stage: int, values: dict, images: dict, tables: dict) -> None:

@@ -37,7 +37,7 @@ def _figure(w: float, h: float):
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # keeps a legend placed outside the axes in the image
     return path
 
 
@@ -76,6 +76,11 @@ def _keys(state: EvalState) -> list[str]:
 
 def plot_curves(state: EvalState, path: Path) -> Path:
     """Per-concept CLIP-I, CLIP-T (and identity) against stage (base model at stage 0), zero-shot CLIP-T too."""
+    return _save(curves_figure(state), path)
+
+
+def curves_figure(state: EvalState):
+    """The figure of :func:`plot_curves`; one legend, to the right of the last panel (it covers no curve)."""
     keys = _keys(state)
     fig = _figure(5 * len(keys), 3.8)
     T = state.n
@@ -96,8 +101,9 @@ def plot_curves(state: EvalState, path: Path) -> Path:
         ax.set_ylabel(metric_label(key, state) + " (mean over samples)")
         ax.set_xticks(range(0, T + 1))
         ax.grid(alpha=0.3)
-    fig.axes[1].legend(fontsize=6, loc="best")
-    return _save(fig, path)
+    handles, labels = fig.axes[min(1, len(fig.axes) - 1)].get_legend_handles_labels()  # the CLIP-T panel has the zero-shot line too
+    fig.axes[-1].legend(handles, labels, fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    return fig
 
 
 def _label(draw: ImageDraw.ImageDraw, xy, text: str) -> None:
@@ -169,22 +175,40 @@ def read_selection_stats(run_dir: Path) -> list[tuple[int, str, dict[str, Any]]]
 
 def plot_selection(stats: list[tuple[int, str, dict[str, Any]]], path: Path) -> Path:
     """Concept-neuron density per layer, one line per stage (layers of the last stage's statistics)."""
+    return _save(selection_figure(stats), path)
+
+
+def selection_figure(stats: list[tuple[int, str, dict[str, Any]]]):
+    """The figure of :func:`plot_selection`: layers labelled by :func:`layer_label`, the legend
+    to the right of the axes."""
     layers = list(stats[-1][2]["layers"])
     fig = _figure(max(6, 0.25 * len(layers) + 2), 3.8)
     ax = fig.add_subplot(1, 1, 1)
     for stage, name, st in stats:
         ys = [st["layers"].get(layer, {}).get("concept_density", math.nan) for layer in layers]
         ax.plot(range(len(layers)), ys, marker=".", label=f"stage {stage}: {name}")
-    ax.set_xticks(range(len(layers)), [_short(layer) for layer in layers], rotation=90, fontsize=5)
+    ax.set_xticks(range(len(layers)), [layer_label(layer) for layer in layers], rotation=90, fontsize=7)
+    ax.set_xlabel("cross-attention layer (UNet block, attention, K or V)")
     ax.set_ylabel("concept-neuron density")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
-def _short(layer: str) -> str:
-    return layer.replace("down_blocks.", "d").replace("up_blocks.", "u").replace("mid_block.", "m").replace(
-        "attentions.", "a").replace("transformer_blocks.", "t").replace(".attn2.", ".").replace(".weight", "")
+_LAYER = re.compile(r"(down_blocks|up_blocks|mid_block)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2\.to_([kv])(?:\.weight)?$")
+
+
+def layer_label(layer: str) -> str:
+    """A UNet cross-attention weight's name as a short readable label: ``down_blocks.1.attentions.0.
+    transformer_blocks.0.attn2.to_k.weight`` -> ``down 1.0 K``, ``mid_block...to_v`` -> ``mid 0 V``
+    (a transformer block index other than 0 is appended: ``up 3.2 t1 V``). Other names are kept."""
+    m = _LAYER.search(layer)
+    if not m:
+        return layer.replace(".weight", "")
+    where, block, attn, tb, kv = m.groups()
+    name = {"down_blocks": "down", "up_blocks": "up", "mid_block": "mid"}[where]
+    pos = f"{block}.{attn}" if block else attn
+    return f"{name} {pos}{f' t{tb}' if tb != '0' else ''} {kv.upper()}"
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -209,6 +233,30 @@ def matrix_table(R: np.ndarray, names: list[str]) -> str:
     return md_table(["stage \\ concept"] + [f"{i + 1}:{n}" for i, n in enumerate(names)], rows)
 
 
+def run_header(run_dir: Path) -> dict[str, Any]:
+    """The report's title (experiment, method and tag, seed, model) and its token-to-concept table,
+    from the run's ``config.yaml``; a folder without one is titled by its name."""
+    cfg_path = Path(run_dir) / "config.yaml"
+    if not cfg_path.is_file():
+        return {"title": f"Evaluation report: {Path(run_dir).name}", "tokens": []}
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(cfg_path))
+    method = (cfg.get("method") or {}).get("name", "?")
+    model = (cfg.get("model") or {}).get("name", "?")
+    tag = f" (tag {cfg['tag']})" if cfg.get("tag") else ""
+    title = f"Evaluation report: {cfg.get('name', '?')}, method {method}{tag}, seed {cfg.get('seed', '?')}, model {model}"
+    from ..concepts import ConceptError, concepts_from_config
+
+    try:  # as the loop read them (micro-world concepts get their class noun and category here)
+        concepts = concepts_from_config((cfg.get("data") or {}).get("concepts") or [])
+    except ConceptError:
+        concepts = []
+    rows = [[str(i + 1), f"`{c.token}`", c.name, c.class_name, c.category] for i, c in enumerate(concepts)]
+    tokens = ["## Concepts and their tokens", "", md_table(["stage", "token", "concept", "class noun", "category"], rows)] if rows else []
+    return {"title": title, "tokens": tokens}
+
+
 def write_report(run_dir: Path, state: EvalState) -> Path:
     """Write ``run_dir/report.md`` and its figures; returns the report's path."""
     run_dir = Path(run_dir)
@@ -219,9 +267,11 @@ def write_report(run_dir: Path, state: EvalState) -> Path:
     s, mu = res["single"], res.get("multi", {})
     idl = metric_label("dino", state)
     zs = res["zero_shot_clip_t"]
+    header = run_header(run_dir)
     lines = [
-        f"# Evaluation report: {run_dir.name}",
+        f"# {header['title']}",
         "",
+        *header["tokens"],
         f"CLIP model: `{state.clip_model}`" + (f"; {metric_label('dino', state)} model: `{state.dino_model}`" if state.dino_model else "")
         + f". Stages evaluated: {T} of {state.n}. Settings: {n} samples per prompt, "
         f"{state.settings.get('num_inference_steps')} steps, guidance {state.settings.get('guidance_scale')}, "

@@ -1,6 +1,6 @@
 """The methods of the continual loop: one interface (``base.Method``), one file per method.
 
-``conf/method/<name>.yaml`` names its class with ``_target_``; :func:`build_method` makes it from
+``src/cns_lightning/conf/method/<name>.yaml`` names its class with ``_target_``; :func:`build_method` makes it from
 a run's ``method`` config. Run folders of the release before this package have no ``_target_``
 in their config: their ``method.neurons`` rule names the class (``LEGACY_RULES``).
 """

@@ -17,7 +17,7 @@ A method's life in a run (``continual.run`` calls these in this order; ``restore
 
 Knobs: each method declares its own (:class:`Knob`, relative to ``method.``); the knobs every
 method shares (``SHARED_KNOBS``: steps, token lr, prior weight) are declared here and live in
-``conf/method/common/shared.yaml``. The declarations drive the config checks (``preflight``) and the
+``src/cns_lightning/conf/method/common/shared.yaml``. The declarations drive the config checks (``preflight``) and the
 run's identity (``run_folder``): which knobs may change on resume.
 """
 

@@ -5,7 +5,7 @@ matter for its captions and not for general prompts) and its own token, with L_r
 neurons earlier concepts also own. One model holds every concept; a stage keeps the K/V values at
 the union of masks so far, its own mask and its token row (``kv_store``: the compact format).
 
-Knobs (``conf/method/cns.yaml``): ``selection`` (the open choices of Eq. 3-4), ``lambda1`` /
+Knobs (``src/cns_lightning/conf/method/cns.yaml``): ``selection`` (the open choices of Eq. 3-4), ``lambda1`` /
 ``lambda2`` (Eq. 7), ``lr_neurons``. ``no_reg`` (Table 2) is this method with lambda1 = lambda2 = 0.
 """
 

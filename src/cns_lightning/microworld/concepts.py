@@ -561,3 +561,39 @@ def zero_shot_scenes(n: int = 20, seed: int = 777) -> list[Scene]:
 def zero_shot_prompts(n: int = 20, seed: int = 777) -> list[str]:
     """Captions of ``zero_shot_scenes``: plain world prompts held out from pretraining."""
     return [s.caption() for s in zero_shot_scenes(n, seed)]
+
+
+def warn_words_it_cannot_draw(concepts, cache_dir=None) -> list[str]:
+    """One ``UserWarning`` per own concept (not ``source: microworld``) whose captions, class noun or
+    evaluation prompts use words outside the micro world (``world.CAPTION_WORDS``): the micro
+    pipeline learned no other words, so such a caption trains the token on words that mean
+    nothing to it and such a prompt scores nothing it can draw. Returns the warnings' texts."""
+    import warnings
+
+    from .world import NOUNS, words_outside_the_world
+
+    tokens = [c.token for c in concepts]
+    out = []
+    for i, c in enumerate(concepts):
+        if c.source == "microworld":
+            continue
+        found: dict[str, str] = {}
+        texts = [(f"the caption of {p.name}", cap) for p, cap in zip(c.image_paths(cache_dir), c.captions(cache_dir))]
+        texts += [("an evaluation prompt", c.fill(t, with_token=False)) for t in c.eval_prompts()]
+        texts += [("the prior prompt", c.class_prompt())]
+        for where, text in texts:
+            for w in words_outside_the_world(text, tokens):
+                found.setdefault(w, f"{where}: {text!r}")
+        if found:
+            words = list(found)
+            msg = (
+                f"data.concepts[{i}] ({c.name!r}) on model=micro: the micro world cannot draw "
+                f"{', '.join(repr(w) for w in words[:12])}{' ...' if len(words) > 12 else ''} "
+                f"(first in {found[words[0]]}). Its text encoder knows only the world's words "
+                f"(nouns {', '.join(NOUNS)}; colours, patterns, sizes, positions, "
+                "backgrounds, styles: docs/microworld.md). Use world words in the captions, class_name and prompts "
+                "(e.g. caption_template: 'a large {token} {class} in the center, on a white background'), or a real model (model=sd15)."
+            )
+            warnings.warn(msg, UserWarning, stacklevel=2)
+            out.append(msg)
+    return out

@@ -66,6 +66,21 @@ HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
 )
 
 POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom", "center": "in the center"}
+# Every word a world caption can hold (Scene.caption's grammar): the micro text encoder was
+# pretrained on these captions only, so the micro pipeline can draw nothing else.
+CAPTION_WORDS: frozenset[str] = frozenset(
+    [*COLOURS, *NOUNS, *PATTERNS, *SIZES, *BACKGROUNDS, *STYLES, "a", "and", "background", "style"]
+    + [w for phrase in POSITION_PHRASES.values() for w in phrase.split()]
+) - {"solid", "none"}
+
+
+def words_outside_the_world(text: str, tokens: Sequence[str] = ()) -> list[str]:
+    """The words of ``text`` that no world caption holds (lower-cased, punctuation dropped; the
+    concept ``tokens`` and ``{token}`` / ``{class}`` placeholders do not count), in order, once each."""
+    for t in (*tokens, "{token}", "{class}"):
+        text = text.replace(t, " ")
+    words = [w.strip(".,;:!?\"'()[]") for w in text.lower().split()]
+    return list(dict.fromkeys(w for w in words if w and w not in CAPTION_WORDS))
 _POS_XY = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72), "center": (0.5, 0.5)}
 _SIZE_R = {"small": 0.15, "large": 0.23}  # half-size as a fraction of the image
 
