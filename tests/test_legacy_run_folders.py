@@ -2,8 +2,8 @@
 still resume, restore, generate and export; folders this code cannot read fail naming the folder.
 
 The fixtures hold 3 completed stages each. Resuming a copy with stage 3 deleted must rewrite stage 3
-byte-identical to what the old code wrote in one go (its tensor files; textual inversion now keeps
-only its token row).
+as the old code wrote it in one go (its tensor files, to float32 rounding across CPUs; textual
+inversion now keeps only its token row).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import shutil
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
 
 from cns_lightning import continual
 from cns_lightning.export import export_pipeline
@@ -46,7 +47,14 @@ def test_an_old_folder_resumes_bit_identically(tmp_path, method):
     new = sorted(p.name for p in last.glob("*.safetensors"))
     assert "token.safetensors" in new
     for name in new:
-        assert (last / name).read_bytes() == (old / name).read_bytes(), f"{method}: {name} of stage 3 differs from the old code's"
+        # Same tensors, keys and dtypes; values to float32 rounding: the fixtures were written on
+        # another CPU, whose kernels round differently (bit-identity holds on one machine:
+        # tests/test_interrupt.py, tests/test_continual.py).
+        a, b = load_file(last / name), load_file(old / name)
+        assert a.keys() == b.keys(), f"{method}: {name} of stage 3 holds other tensors than the old code's"
+        for k in a:
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, f"{method}: {name}[{k}]"
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=f"{method}: {name}[{k}] of stage 3 differs from the old code's")
     base = json.loads((V0 / method / "base_model.json").read_text())["fingerprint"]
     priors = [json.loads(p.read_text())["model"] for p in (tmp_path / "cache" / "priors").glob("*/done.json")]
     assert priors and set(priors) == {base}, "prior images are cached under another model fingerprint than the old release's"
@@ -74,7 +82,8 @@ def test_textual_inversion_folders_of_both_releases_restore_alike(tmp_path):
     continual.run(compose_cfg(tmp_path, [*OVERRIDES, "method=textual_inversion"]))
     assert {p.name for p in (run / "stages" / "01_dog_patch").iterdir()} == {"token.safetensors", "stage.json", "manifest.json"}
     new, _ = load_run(run)
-    assert torch.equal(old.text_encoder.get_input_embeddings().weight, new.text_encoder.get_input_embeddings().weight)
+    # the fixture was trained on another CPU: equal to float32 rounding
+    torch.testing.assert_close(old.text_encoder.get_input_embeddings().weight, new.text_encoder.get_input_embeddings().weight, rtol=1e-4, atol=1e-6)
 
 
 def test_a_folder_of_a_newer_format_or_another_method_fails_naming_it(tmp_path):
