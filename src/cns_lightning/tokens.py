@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from .concepts import Concept, ConceptError
@@ -12,9 +14,15 @@ def add_concept_tokens(tokenizer, text_encoder, concepts: list[Concept]) -> dict
 
     The embedding starts as the mean embedding of the tokens of ``init_word`` (default: the class
     noun), as Custom Diffusion initialises its modifier token from a word. Returns name -> token id.
+    Default tokens (``<new{i}>``, no ``token`` in the entry) are numbered after the ``<newN>``
+    tokens the base model already has (a model exported by ``cns_lightning.export``).
     """
     ids = {}
     vocab = tokenizer.get_vocab()
+    known = max((int(m.group(1)) for t in vocab if (m := re.fullmatch(r"<new(\d+)>(</w>)?", t))), default=0)
+    for i, c in enumerate(concepts):
+        if known and not c.token_given:
+            c.token = f"<new{known + i + 1}>"
     for i, c in enumerate(concepts):
         where = f"data.concepts[{i}].token={c.token!r}"
         if not c.token.strip() or len(tokenizer.tokenize(c.token)) == 0:
