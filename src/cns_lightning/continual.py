@@ -22,7 +22,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import CheckpointError, atomic_write_bytes, load_json, save_json, verify_folder
+from .checkpoint import CheckpointError, atomic_write_bytes, load_json, save_json
 from .concepts import Concept, concepts_from_config
 from .data import ConceptDataModule
 from .distributed import is_main_rank, ranks_agree, setup_distributed
@@ -35,7 +35,7 @@ from .module import ContinualModule, NonFiniteLossError
 from .preflight import check_concept_inputs, check_config_values, check_device, check_disk_space, oom_message, output_bytes
 from .prior import model_fingerprint, prior_images
 from .run_folder import RunFolderError, check_run_folder
-from .state import completed_stages, stage_dir, write_stage
+from .state import completed_stages, read_stage, stage_dir, write_stage
 from .tokens import add_concept_tokens, check_token_in_captions
 
 
@@ -129,22 +129,30 @@ def check_inputs(cfg: DictConfig) -> Run:
 
 
 def complete_summary(r: Run) -> dict | None:
-    """``summary.json`` of the run folder if it holds this whole run (every stage intact, the
-    evaluation finished when it is on); else None."""
+    """``summary.json`` of the run folder if it holds this whole run (every stage intact and
+    readable by this code's method, the evaluation finished when it is on); else None."""
     path = r.run_dir / "summary.json"
     if not path.is_file() or not r.cfg.get("resume", True):
         return None
     try:
         done = load_json(path)
         names = [c["name"] for c in done.get("concepts", [])]
-        stages = [stage_dir(r.run_dir, i, n) for i, n in enumerate(names)]
-        intact = all(verify_folder(s) for s in stages)
-    except (CheckpointError, KeyError, TypeError):
+    except (CheckpointError, KeyError, TypeError, AttributeError):
         return None
     ev = r.cfg.get("eval")
     evaluated = not (ev and ev.get("enabled", True)) or (r.run_dir / "eval" / "results.json").is_file()
-    if done.get("status") != "complete" or names != [c.name for c in r.concepts] or not intact or not evaluated:
+    if done.get("status") != "complete" or names != [c.name for c in r.concepts] or not evaluated:
         return None
+    for i, name in enumerate(names):
+        folder = stage_dir(r.run_dir, i, name)
+        try:
+            stage = read_stage(folder)  # every hash verified
+        except CheckpointError:
+            return None  # missing or damaged: the loop's resume names it and retrains from there
+        try:
+            r.method.check_writer(stage)
+        except StageFormatError as e:
+            raise RunError(f"{e} (resuming {r.run_dir})") from e
     return done
 
 
