@@ -43,7 +43,7 @@ def test_a_finished_run_is_extended_rerun_untouched_and_not_reordered(tmp_path, 
     old = json.loads((run / "eval" / "state.json").read_text())
     three = [concepts_override(concept_dirs, CLASSES), *EVAL]
     proc = run_cli(three, env)
-    assert "extending" in proc.stdout and "continuing with stage 3 (vase)" in proc.stdout
+    assert "extending" in proc.stdout and "continuing with stage 3 of 3 (vase)" in proc.stdout
     after = files(run)
     for name, meta in before.items():
         if name.startswith("stages/"):

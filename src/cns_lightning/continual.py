@@ -250,8 +250,9 @@ def restore(r: Run) -> list[dict]:
         except StageFormatError as e:
             raise RunError(f"{e} (resuming {r.run_dir})") from e
         r.module.step_offset = sum(int(s.info.get("steps", 0)) for s in done)
-        print(f"[cns] resuming {r.run_dir}: stages 1-{len(done)} of {len(r.concepts)} complete, "
-              f"continuing with stage {len(done) + 1} ({r.concepts[len(done)].name})")
+        left = (f"continuing with stage {len(done) + 1} of {len(r.concepts)} ({r.concepts[len(done)].name})"
+                if len(done) < len(r.concepts) else "every stage is trained; finishing the evaluation")
+        print(f"[cns] resuming {r.run_dir}: stages 1-{len(done)} complete, {left}")
     if r.evaluator is not None and done and not r.evaluator.is_evaluated(len(done)):
         r.evaluator.after_stage(r.ctx.pipe, len(done), r.concepts[: len(done)])  # interrupted between saving and evaluating it
     return [s.info for s in done]
