@@ -19,6 +19,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -67,8 +68,14 @@ def make_evaluator(cfg: DictConfig, run_dir: Path, concepts: list[Concept], devi
     ev_cfg = cfg.get("eval")
     if not is_main_rank() or not ev_cfg or not ev_cfg.get("enabled", True):
         return None
-    evaluator = instantiate(ev_cfg)
-    evaluator.setup(run_dir, concepts, device)
+    try:
+        evaluator = instantiate(ev_cfg)
+        evaluator.setup(run_dir, concepts, device)
+    except Exception as e:  # a bad eval.* value or evaluator folder: its message names the key and the fix
+        cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
+        if isinstance(cause, (TypeError, ValueError, FileNotFoundError)) and str(cause).startswith("eval"):
+            raise RunError(f"{cause} (conf/eval/*.yaml or an eval.* override)") from e
+        raise
     return evaluator
 
 
