@@ -315,6 +315,8 @@ def test_not_enough_disk_stops_before_the_run(tmp_path, concept_dirs, env):
     assert proc.returncode == 1
     assert "not enough disk space" in proc.stderr and "Estimate: 2 stages x" in proc.stderr and "Nothing was trained" in proc.stderr
     assert "hydra.run.dir" in proc.stderr  # the fix: another disk
+    assert "paths.cache_dir=/path or CNS_CACHE=/path" in proc.stderr  # the cache (prior images) is on that disk too
+    assert "Traceback" not in proc.stderr
     assert stage_names(tmp_path / "out" / "default" / "cns" / "seed0") == []
     assert not (tmp_path / "cache" / "priors").exists(), "prior images were generated although the disk is full"
 

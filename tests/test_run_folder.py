@@ -48,3 +48,24 @@ def test_only_resumable_knobs_change_on_resume_and_only_when_asked(tmp_path):
     assert json.loads((run / "run_identity.json").read_text())["_changes"] == [{"method.lr_neurons": [3e-5, 1e-6]}]
     with pytest.raises(RunFolderError, match=r"method.selection.tokens differ\), so it cannot be resumed. Give this run"):
         check_run_folder(run, compose_cfg(tmp_path, ["method=cns", "method.lr_neurons=1e-6", "method.selection.tokens=all", "+resume_with_changes=true"]))
+
+
+def test_concepts_added_after_the_folders_extend_it_and_other_changes_are_refused(tmp_path):
+    run = tmp_path / "run"
+    (run / "stages" / "01_a").mkdir(parents=True)
+    (run / "stages" / "01_a" / "manifest.json").write_text("{}")  # a completed stage
+    a, b, c = ("{name:a,class_name:dog,path:/x/a}", "{name:b,class_name:cup,path:/x/b}", "{name:c,class_name:cat,path:/x/c}")
+    check_run_folder(run, compose_cfg(tmp_path, [f"data.concepts=[{a},{b}]"]))
+    assert check_run_folder(run, compose_cfg(tmp_path, [f"data.concepts=[{a},{b},{c}]"])) == 1
+    assert [e["name"] for e in json.loads((run / "run_identity.json").read_text())["data"]["concepts"]] == ["a", "b", "c"]
+    for concepts, says in [
+        (f"[{a},{b}]", r"the folder's sequence has 3 concepts, this command 2 \(c removed\)"),
+        (f"[{b},{a},{c}]", r"data.concepts\[0\] was 'a' and is now 'b' \('a' moved to position 1\)"),
+        (f"[{a},{{name:b,class_name:mug,path:/x/b}},{c}]", r"data.concepts\[1\] \(b\) changed: class_name 'cup' -> 'mug'"),
+        (f"[{a},{c},{b}]", r"data.concepts\[1\] was 'b' and is now 'c'"),
+    ]:
+        with pytest.raises(RunFolderError, match=says + r".*A run can only be extended.*its own run folder.*cns_lightning.export"):
+            check_run_folder(run, compose_cfg(tmp_path, [f"data.concepts={concepts}"]))
+    # an extension together with another change still needs that change to be allowed
+    with pytest.raises(RunFolderError, match=r"method.lambda1 differ"):
+        check_run_folder(run, compose_cfg(tmp_path, [f"data.concepts=[{a},{b},{c},{{name:d,class_name:car,path:/x/d}}]", "method.lambda1=0.5"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -30,13 +31,56 @@ for pattern in (".*LeafSpec.*", ".*in eval mode at the start of training.*", ".*
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def input_error(exc: BaseException) -> BaseException | None:
+    """The project's own bad-input error behind ``exc`` (itself, or what it was raised from, as in
+    Hydra's ``InstantiationException``), else None: a bug, whose traceback is worth seeing."""
+    from .checkpoint import CheckpointError
+    from .concepts import ConceptError
+    from .continual import RunError
+    from .evaluation.state import StateError
+    from .images import ImageInputError
+    from .methods import MethodConfigError
+    from .methods.base import StageFormatError
+    from .models import ModelInputError
+    from .preflight import ConfigValueError
+    from .restore import RestoreError
+    from .run_folder import RunFolderError
+
+    known = (RunError, RunFolderError, ConfigValueError, ConceptError, ImageInputError, CheckpointError, StateError,
+             MethodConfigError, StageFormatError, RestoreError, ModelInputError)
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, known):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return None
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Hydra makes the run folder before the task starts: a refused command leaves no empty one."""
+    try:
+        folder.rmdir()  # only succeeds when empty
+    except OSError:
+        pass
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from .continual import run
     from .distributed import teardown_distributed
 
-    run(cfg)
-    teardown_distributed()
+    try:
+        run(cfg)
+    except Exception as e:  # bad input: its message (what, where, the fix), no traceback, exit status 1
+        err = input_error(e)
+        if err is None:
+            raise
+        remove_if_empty(Path(cfg.paths.run_dir))
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        teardown_distributed()
 
 
 if __name__ == "__main__":

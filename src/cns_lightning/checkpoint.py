@@ -77,10 +77,11 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def disk_free_check(path: Path, needed_bytes: int) -> None:
+def disk_free_check(path: Path, needed_bytes: int,
+                    fix: str = "point the output folder (hydra.run.dir=...) at a disk with more room") -> None:
     """Raise :class:`CheckpointError` when the disk holding ``path`` has < ``needed_bytes`` free.
 
-    ``path`` may not exist yet: its nearest existing parent is measured.
+    ``path`` may not exist yet: its nearest existing parent is measured. ``fix``: what to move.
     """
     folder = Path(path).absolute()
     while not folder.exists() and folder != folder.parent:
@@ -90,8 +91,7 @@ def disk_free_check(path: Path, needed_bytes: int) -> None:
         raise CheckpointError(
             f"{path}: not enough disk space in {folder}: {needed_bytes} bytes "
             f"({needed_bytes / 2**30:.2f} GiB) needed but only {free} bytes ({free / 2**30:.2f} GiB) "
-            "free. Fix: free disk space, or point the output folder (hydra.run.dir=...) at a disk "
-            "with more room, then rerun the same command."
+            f"free. Fix: free disk space, or {fix}, then rerun the same command."
         )
 
 

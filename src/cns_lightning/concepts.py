@@ -12,6 +12,7 @@ renders the concept's images deterministically into a cache folder).
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ class Concept:
     init_word: str | None = None  # word whose embedding initialises the token; default: class noun
     prior_prompt: str | None = None  # prior-preservation prompt; default: caption_template without token
     extra: dict[str, Any] = field(default_factory=dict)
+    token_given: bool = True  # False: ``token`` is the default <new{i}>, renumbered past a base model's own tokens
 
     # ------------------------------------------------------------------ files
     def folder(self, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -144,16 +146,30 @@ def _microworld_defaults(d: dict, where: str) -> dict:
     return d
 
 
+ENTRY_KEYS = tuple(f for f in Concept.__dataclass_fields__ if f not in ("extra", "token_given"))  # the keys of a data.concepts entry
+
+
 def concept_from_config(entry: Any, index: int) -> Concept:
-    """Build a Concept from one ``data.concepts`` entry (a dict-like from Hydra)."""
-    d = {k: v for k, v in dict(entry).items() if v is not None}
+    """Build a Concept from one ``data.concepts`` entry (a dict-like from Hydra); an unknown key
+    (a typo such as ``tokn``) is an error naming it and the valid keys."""
     where = f"data.concepts[{index}]"
+    if not hasattr(entry, "items"):
+        raise ConceptError(f"{where}={entry!r} is not a concept entry; each entry is a mapping such as {{name: teddy, class_name: 'teddy bear', path: /abs/folder}}")
+    d = {str(k): v for k, v in dict(entry).items() if v is not None}
+    for key in d:
+        if key not in ENTRY_KEYS:
+            near = difflib.get_close_matches(key, ENTRY_KEYS, n=1)
+            raise ConceptError(
+                f"{where}.{key} is not a concept key{f' (did you mean {near[0]}?)' if near else ''}; "
+                f"the keys of a concept entry are {', '.join(ENTRY_KEYS)}. Fix the entry in data.concepts (the experiment YAML or the override)."
+            )
     if d.get("source") == "microworld":
         d = _microworld_defaults(d, where)
     for key in ("name", "class_name"):
         if not d.get(key):
             raise ConceptError(f"{where}: missing `{key}`; every concept needs a name and a class noun (e.g. class_name: dog)")
-    d.setdefault("token", f"<new{index + 1}>")
+    if "token" not in d:
+        d["token"], d["token_given"] = f"<new{index + 1}>", False
     category = d.get("category", "object")
     if category not in CATEGORIES:
         raise ConceptError(f"{where}.category={category!r}: choose one of {', '.join(CATEGORIES)}")
@@ -162,18 +178,24 @@ def concept_from_config(entry: Any, index: int) -> Concept:
         raise ConceptError(f"{where}.source={source!r}: choose 'folder' (with path: ...) or 'microworld'")
     if source == "folder" and not d.get("path"):
         raise ConceptError(f"{where} ({d['name']}): set `path` to a folder of images, or `source: microworld`")
-    known = {f for f in Concept.__dataclass_fields__}
-    extra = {k: v for k, v in d.items() if k not in known}
-    kwargs = {k: v for k, v in d.items() if k in known and k != "extra"}
+    kwargs = dict(d)
     if kwargs.get("path") is not None:
         kwargs["path"] = Path(str(kwargs["path"]))
     if kwargs.get("prompts") is not None:
         kwargs["prompts"] = [str(p) for p in kwargs["prompts"]]
-    return Concept(**kwargs, extra=extra)
+    return Concept(**kwargs)
 
 
 def concepts_from_config(entries: Any) -> list[Concept]:
     """All concepts of a sequence, checking that tokens and names are unique."""
+    if isinstance(entries, (str, bytes)) or (entries is not None and not hasattr(entries, "__len__")):
+        raise ConceptError(
+            f"data.concepts={entries!r} is not a list of concepts. Give a list of entries, e.g. "
+            "data.concepts=[{name:teddy,class_name:'teddy bear',path:/abs/folder}], or an experiment that sets it "
+            "(+experiment=seq7); a folder of images is one entry's path."
+        )
+    if hasattr(entries, "items"):
+        raise ConceptError("data.concepts is a mapping, not a list; write it as a list of entries (- {name: ..., class_name: ..., path: ...})")
     if not entries:
         raise ConceptError("data.concepts is empty: list at least one concept (see src/cns_lightning/conf/experiment/seq7.yaml)")
     concepts = [concept_from_config(e, i) for i, e in enumerate(entries)]

@@ -5,17 +5,21 @@ concept's token; generate (or reuse) prior images with the base model; set the m
 restore the completed stages (``Method.load``); then for each remaining concept: the method's stage
 (``begin_stage``: what trains), one ``Trainer.fit``, the stage saved (``end_stage``), the method's
 merge step (timed), evaluation; then the summary. Re-running the same command resumes after the
-last completed stage. What a method is: ``methods/base.py``.
+last completed stage, or, when the run is complete, says so and changes nothing; a command whose
+``data.concepts`` adds concepts after a run folder's trains only the new ones (``run_folder.py``).
+What a method is: ``methods/base.py``.
 """
 
 from __future__ import annotations
 
+import errno
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,10 +34,10 @@ from .methods.base import StageFormatError
 from .methods.stage import TrainingStage
 from .models import cross_attention_kv
 from .module import ContinualModule, NonFiniteLossError
-from .preflight import check_concept_inputs, check_config_values, check_disk_space, oom_message, output_bytes
+from .preflight import check_concept_inputs, check_config_values, check_device, check_disk_space, oom_message, output_bytes
 from .prior import model_fingerprint, prior_images
 from .run_folder import RunFolderError, check_run_folder
-from .state import completed_stages, stage_dir, write_stage
+from .state import completed_stages, read_stage, stage_dir, write_stage
 from .tokens import add_concept_tokens, check_token_in_captions, token_init
 
 
@@ -47,7 +51,7 @@ def calibration_prompts(cfg: DictConfig) -> list[str]:
     if c.get("source") == "microworld":
         from .microworld.concepts import calibration_prompts as micro_prompts
 
-        return micro_prompts(int(c.get("num_prompts") or 20))
+        return micro_prompts(20 if c.get("num_prompts") is None else int(c.num_prompts))
     if c.get("prompts"):
         prompts = [str(p) for p in c.prompts]
     else:
@@ -55,7 +59,7 @@ def calibration_prompts(cfg: DictConfig) -> list[str]:
         if not path.is_file():
             raise RunError(f"calibration.prompts_file={str(path)!r} does not exist; give a text file with one prompt per line")
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    k = int(c.get("num_prompts") or len(prompts))
+    k = len(prompts) if c.get("num_prompts") is None else int(c.num_prompts)
     if len(prompts) < k:
         raise RunError(f"calibration: {len(prompts)} prompts found but calibration.num_prompts={k}; add prompts or lower it")
     return prompts[:k]
@@ -65,8 +69,14 @@ def make_evaluator(cfg: DictConfig, run_dir: Path, concepts: list[Concept], devi
     ev_cfg = cfg.get("eval")
     if not is_main_rank() or not ev_cfg or not ev_cfg.get("enabled", True):
         return None
-    evaluator = instantiate(ev_cfg)
-    evaluator.setup(run_dir, concepts, device)
+    try:
+        evaluator = instantiate(ev_cfg)
+        evaluator.setup(run_dir, concepts, device)
+    except Exception as e:  # a bad eval.* value or evaluator folder: its message names the key and the fix
+        cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
+        if isinstance(cause, (TypeError, ValueError, FileNotFoundError)) and str(cause).startswith("eval"):
+            raise RunError(f"{cause} (conf/eval/*.yaml or an eval.* override)") from e
+        raise
     return evaluator
 
 
@@ -79,7 +89,7 @@ def check_outputs_fit(cfg: DictConfig, pipe, run_dir: Path, cache_dir: str, num_
     )
     try:
         check_disk_space(run_dir, Path(cache_dir), need, int(cfg.get("min_free_bytes", 0)))
-    except CheckpointError as e:
+    except CheckpointError as e:  # the message names the folder to move: hydra.run.dir or paths.cache_dir / CNS_CACHE
         raise RunError(
             f"{e} Estimate: {max(0, num_concepts - done)} stages x {need['per_stage']} bytes (K/V values, masks, token) "
             f"+ {need['priors']} bytes of prior images + min_free_bytes={int(cfg.get('min_free_bytes', 0))}. Nothing was trained."
@@ -101,13 +111,16 @@ class Run:
     priors: dict | None = None
     loggers: list | None = None
     evaluator: object = None
+    complete: dict | None = None  # the summary of a run folder that already holds this whole run
 
 
 def check_inputs(cfg: DictConfig) -> Run:
-    """Every check that needs no model, before anything is written; then the run folder's identity."""
+    """Every check that needs no model, before anything is written; then the run folder's identity.
+    A run folder that already holds this whole run is left as it is (``Run.complete``)."""
     run_dir, cache_dir = Path(cfg.paths.run_dir), str(cfg.paths.cache_dir)
-    concepts = concepts_from_config(cfg.data.concepts)
     check_config_values(cfg)  # every knob of the run and of its method (knobs.py, Method.declared_knobs)
+    concepts = concepts_from_config(cfg.data.get("concepts"))
+    check_device(cfg.get("device", "auto"))
     method = build_method(cfg.method)
     check_concept_inputs(concepts, int(cfg.data.resolution), cache_dir)  # bad input fails before anything is written
     if str(cfg.model.get("name", "")) == "micro":  # own concepts in words the micro world never saw: a warning each
@@ -119,8 +132,55 @@ def check_inputs(cfg: DictConfig) -> Run:
         check_run_folder(run_dir, cfg)
     except RunFolderError as e:
         raise RunError(str(e)) from None
-    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode("utf-8"))  # read by restore.py
-    return Run(cfg=cfg, run_dir=run_dir, cache_dir=cache_dir, concepts=concepts, method=method)
+    r = Run(cfg=cfg, run_dir=run_dir, cache_dir=cache_dir, concepts=concepts, method=method)
+    r.complete = complete_summary(r)
+    if r.complete is None:
+        atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode("utf-8"))  # read by restore.py
+        write_hydra_files(run_dir, cfg)
+    return r
+
+
+def complete_summary(r: Run) -> dict | None:
+    """``summary.json`` of the run folder if it holds this whole run (every stage intact and
+    readable by this code's method, the evaluation finished when it is on); else None."""
+    path = r.run_dir / "summary.json"
+    if not path.is_file() or not r.cfg.get("resume", True):
+        return None
+    try:
+        done = load_json(path)
+        names = [c["name"] for c in done.get("concepts", [])]
+    except (CheckpointError, KeyError, TypeError, AttributeError):
+        return None
+    ev = r.cfg.get("eval")
+    evaluated = not (ev and ev.get("enabled", True)) or (r.run_dir / "eval" / "results.json").is_file()
+    if done.get("status") != "complete" or names != [c.name for c in r.concepts] or not evaluated:
+        return None
+    for i, name in enumerate(names):
+        folder = stage_dir(r.run_dir, i, name)
+        try:
+            stage = read_stage(folder)  # every hash verified
+        except CheckpointError:
+            return None  # missing or damaged: the loop's resume names it and retrains from there
+        try:
+            r.method.check_writer(stage)
+        except StageFormatError as e:
+            raise RunError(f"{e} (resuming {r.run_dir})") from e
+    return done
+
+
+def write_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
+    """``.hydra/config.yaml``, ``hydra.yaml``, ``overrides.yaml``, as Hydra writes them, but only
+    once the command is accepted for this run folder (conf/config.yaml sets
+    ``hydra.output_subdir: null``), so a refused command leaves a finished run's files untouched."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or not is_main_rank():
+        return
+    hydra_cfg = HydraConfig.instance().cfg
+    folder = run_dir / ".hydra"
+    files = {"config.yaml": cfg, "hydra.yaml": hydra_cfg, "overrides.yaml": hydra_cfg.hydra.overrides.task}
+    for name, node in files.items():
+        atomic_write_bytes(folder / name, OmegaConf.to_yaml(node).encode("utf-8"))
 
 
 def build(r: Run) -> None:
@@ -128,6 +188,7 @@ def build(r: Run) -> None:
     cfg = r.cfg
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     pipe = instantiate(cfg.model)
+    check_resolution(pipe, cfg)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
     pipe.to(setup_distributed(device))
     r.fingerprint = model_fingerprint(pipe)  # of the base model before any token is added: names its prior-image cache
@@ -140,6 +201,19 @@ def build(r: Run) -> None:
         calibration_prompts=calibration_prompts(cfg), kv_lr_scale=float(cfg.model.get("kv_lr_scale", 1.0)),
         token_lr_scale=float(cfg.model.get("token_lr_scale", 1.0)),
     )
+
+
+def check_resolution(pipe, cfg: DictConfig) -> None:
+    """The training resolution must be a multiple of the model's VAE scale factor (its latents are
+    ``resolution / factor`` pixels a side)."""
+    res, factor = int(cfg.data.resolution), int(getattr(pipe, "vae_scale_factor", 8))
+    if res % factor:
+        field = "data.resolution" if res != int(cfg.model.get("resolution", res)) else "model.resolution"
+        near = max(factor, round(res / factor) * factor)
+        raise RunError(
+            f"{field}={res} is not a multiple of {factor}, the VAE scale factor of model {cfg.model.get('name', '')!r} "
+            f"(images become latents of resolution / {factor} pixels). Fix: {field}={near}."
+        )
 
 
 def make_priors(r: Run) -> None:
@@ -157,6 +231,14 @@ def make_priors(r: Run) -> None:
             )
         except torch.OutOfMemoryError as e:
             raise RunError(oom_message(f"prior-image generation for {c.name!r}", e)) from e
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise RunError(
+                f"the cache disk is full: prior images for {c.name!r} could not be written to {r.cache_dir} ({e.strerror}). "
+                "Free space there, or point the cache at a disk with room: paths.cache_dir=/path or the environment "
+                "variable CNS_CACHE=/path. Completed stages are kept; rerun the same command."
+            ) from e
 
 
 def restore(r: Run) -> list[dict]:
@@ -167,6 +249,11 @@ def restore(r: Run) -> list[dict]:
                                log_every=cfg.trainer.get("log_every_n_steps", 10))
     r.method.setup(r.ctx)
     done = completed_stages(r.run_dir, [c.name for c in r.concepts]) if cfg.get("resume", True) else []
+    r.loggers = build_loggers(cfg.get("logger"))
+    log_hyperparameters(r.loggers, cfg)  # the whole resolved config to every logger (W&B config, hparams.yaml)
+    r.evaluator = make_evaluator(cfg, r.run_dir, r.concepts, r.ctx.pipe.unet.device)
+    if r.evaluator is not None:  # on the base model: stage 0, or what it lacks (concepts added to a finished run)
+        r.evaluator.before_training(r.ctx.pipe)
     if done:
         try:
             for s in done:
@@ -175,12 +262,9 @@ def restore(r: Run) -> list[dict]:
         except StageFormatError as e:
             raise RunError(f"{e} (resuming {r.run_dir})") from e
         r.module.step_offset = sum(int(s.info.get("steps", 0)) for s in done)
-        print(f"[cns] resuming {r.run_dir}: stages 1-{len(done)} complete, continuing with stage {len(done) + 1}")
-    r.loggers = build_loggers(cfg.get("logger"))
-    log_hyperparameters(r.loggers, cfg)  # the whole resolved config to every logger (W&B config, hparams.yaml)
-    r.evaluator = make_evaluator(cfg, r.run_dir, r.concepts, r.ctx.pipe.unet.device)
-    if r.evaluator is not None and not done:
-        r.evaluator.before_training(r.ctx.pipe)
+        left = (f"continuing with stage {len(done) + 1} of {len(r.concepts)} ({r.concepts[len(done)].name})"
+                if len(done) < len(r.concepts) else "every stage is trained; finishing the evaluation")
+        print(f"[cns] resuming {r.run_dir}: stages 1-{len(done)} complete, {left}")
     if r.evaluator is not None and done and not r.evaluator.is_evaluated(len(done)):
         r.evaluator.after_stage(r.ctx.pipe, len(done), r.concepts[: len(done)])  # interrupted between saving and evaluating it
     return [s.info for s in done]
@@ -256,6 +340,12 @@ def merge(r: Run, m: int, info: dict) -> None:
 
 def run(cfg: DictConfig) -> dict:
     r = check_inputs(cfg)
+    if r.complete is not None:  # nothing to train or evaluate: leave the folder as it is
+        report = r.run_dir / "report.md"
+        print(f"[cns] {r.run_dir} is complete: all {len(r.concepts)} concepts trained and evaluated; nothing to do"
+              + (f" (report: {report})" if report.is_file() else "")
+              + ". To add concepts, list them after these in data.concepts.")
+        return r.complete
     build(r)
     make_priors(r)
     stages_info = restore(r)

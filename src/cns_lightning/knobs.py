@@ -62,6 +62,7 @@ RUN_KNOBS: tuple[Knob, ...] = (
     Knob("prior.batch_size", "int", 1, identity=False),
     Knob("prior.precision", "choice", choices=PRECISIONS, added=True),
     Knob("prior.compile", "bool", added=True),
+    Knob("calibration.num_prompts", "int", 1, example="20"),
     Knob("resume", "bool"),
     Knob("validation.every_n_steps", "int", 0, identity=False, added=True),
     Knob("validation.num_images", "int", 1, identity=False, added=True),

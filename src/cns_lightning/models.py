@@ -72,6 +72,10 @@ PRESETS: dict[str, dict] = {
 }
 
 
+
+class ModelInputError(FileNotFoundError, ValueError):
+    """A model config that cannot be loaded (``model.path``, ``model.preset``); the message names the field and the fix."""
+
 def _scheduler() -> PNDMScheduler:
     """SD-1.5's shipped scheduler config (scaled_linear betas, 1000 steps, epsilon prediction)."""
     return PNDMScheduler(
@@ -89,7 +93,7 @@ def _scheduler() -> PNDMScheduler:
 def build_random_pipeline(preset: str = "tiny", seed: int = 0, **_: object) -> StableDiffusionPipeline:
     """A pipeline with the architecture ``preset`` (see ``PRESETS``) and seeded random weights."""
     if preset not in PRESETS:
-        raise ValueError(f"model.preset={preset!r} is not a known architecture; choose one of {sorted(PRESETS)}")
+        raise ModelInputError(f"model.preset={preset!r} is not a known architecture; choose one of {sorted(PRESETS)}")
     cfg = PRESETS[preset]
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer()
@@ -130,7 +134,7 @@ def load_pipeline(path: str, **_: object) -> StableDiffusionPipeline:
     local = Path(os.path.expanduser(str(path)))
     looks_local = local.exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") != 1
     if looks_local and not (local / "model_index.json").is_file():
-        raise FileNotFoundError(
+        raise ModelInputError(
             f"model.path={path!r}: no diffusers pipeline folder there (expected {local / 'model_index.json'}). "
             "Pass model.path=/abs/path/to/a/StableDiffusionPipeline folder (one with model_index.json, unet/, "
             "vae/, text_encoder/, tokenizer/, scheduler/), or a hub id such as "
@@ -144,7 +148,7 @@ def load_pipeline(path: str, **_: object) -> StableDiffusionPipeline:
             requires_safety_checker=False,
         )
     except OSError as e:  # hub unreachable, repo missing, no cached snapshot
-        raise FileNotFoundError(
+        raise ModelInputError(
             f"model.path={path!r} could not be loaded ({e.__class__.__name__}: {str(e).splitlines()[0]}). "
             "Without hub access, download the model elsewhere and pass model.path=/abs/path/to/the/folder."
         ) from e
@@ -156,7 +160,7 @@ def load_pipeline(path: str, **_: object) -> StableDiffusionPipeline:
 def check_sd_unet(unet: torch.nn.Module, where: str = "model") -> None:
     """Fail clearly unless ``unet`` has SD-style cross-attention K/V layers."""
     if not any(name.endswith("attn2.to_k") for name, _ in unet.named_modules()):
-        raise ValueError(
+        raise ModelInputError(
             f"{where}: the UNet has no cross-attention (no 'attn2.to_k' modules); CNS needs an SD-style "
             "UNet2DConditionModel with text cross-attention."
         )

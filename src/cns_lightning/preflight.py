@@ -6,6 +6,7 @@
 * :func:`check_concept_inputs` - every concept folder exists and holds images, every image
   decodes (after the repairs :func:`cns_lightning.images.load_image` documents), captions match
   the images. Images smaller than the training resolution are upscaled, with a warning.
+* :func:`check_device` - ``device`` names a device this machine has.
 * :func:`output_bytes` / :func:`check_disk_space` - an upper bound of what the run writes (stage
   folders and prior images) against the free space, before any stage starts.
 * :func:`oom_message` - what to lower when the GPU runs out of memory.
@@ -28,7 +29,7 @@ from .images import load_image
 from .knobs import Knob, knobs_of
 from .methods import MethodConfigError, method_class
 
-__all__ = ["ConfigValueError", "check_concept_inputs", "check_config_values", "check_disk_space", "oom_message", "output_bytes"]
+__all__ = ["ConfigValueError", "check_concept_inputs", "check_config_values", "check_device", "check_disk_space", "oom_message", "output_bytes"]
 
 
 class ConfigValueError(ValueError):
@@ -112,6 +113,27 @@ def check_config_values(cfg: DictConfig) -> None:
             check_knob(knob, v)
 
 
+def check_device(device) -> None:
+    """Raise :class:`ConfigValueError` unless ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) exists here."""
+    import torch
+
+    fix = "Fix: device=auto (the GPU when there is one, else the CPU) or device=cpu."
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(str(device))
+    except (RuntimeError, ValueError):
+        raise ConfigValueError(f"device={device!r} is not a device name; use auto, cpu, cuda or cuda:N. {fix}") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigValueError(f"device={device!r}, but this machine has no usable CUDA GPU (torch.cuda.is_available() is False). {fix}")
+        if dev.index is not None and dev.index >= n:
+            raise ConfigValueError(f"device={device!r}, but this machine has {n} CUDA GPU(s) (cuda:0..cuda:{n - 1}). {fix}")
+    elif dev.type != "cpu":
+        raise ConfigValueError(f"device={device!r}: only auto, cpu, cuda and cuda:N are supported. {fix}")
+
+
 def check_concept_inputs(concepts: list[Concept], resolution: int, cache_dir: str | os.PathLike | None) -> None:
     """Read every concept's folder, images and captions once, as training will.
 
@@ -160,11 +182,13 @@ def check_disk_space(run_dir: Path, cache_dir: Path, need: dict[str, int], reser
     ``reserve`` (``min_free_bytes``) is free space to keep on top of the estimate.
     """
     same = _existing(run_dir).stat().st_dev == _existing(cache_dir).stat().st_dev
+    out_fix = "point the output folder (hydra.run.dir=... or CNS_OUTPUT=...) at a disk with more room"
+    cache_fix = "point the cache (prior images) at a disk with more room: paths.cache_dir=/path or CNS_CACHE=/path"
     if same:
-        disk_free_check(run_dir, need["stages"] + need["priors"] + reserve)
+        disk_free_check(run_dir, need["stages"] + need["priors"] + reserve, fix=f"{out_fix}, or {cache_fix}")
     else:
-        disk_free_check(run_dir, need["stages"] + reserve)
-        disk_free_check(cache_dir, need["priors"] + reserve)
+        disk_free_check(run_dir, need["stages"] + reserve, fix=out_fix)
+        disk_free_check(cache_dir, need["priors"] + reserve, fix=cache_fix)
 
 
 def oom_message(where: str, exc: BaseException) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from .concepts import Concept, ConceptError
@@ -19,9 +21,16 @@ def token_init(cfg) -> str:
 
 def add_concept_tokens(tokenizer, text_encoder, concepts: list[Concept], init: str = "class_noun", seed: int = 0) -> dict[str, int]:
     """Add every concept's token (in sequence order) and initialise its embedding with
-    :func:`initial_embedding` (``init``: ``data.token_init``). Returns name -> token id."""
+    :func:`initial_embedding` (``init``: ``data.token_init``). Returns name -> token id.
+    Default tokens (``<new{i}>``, no ``token`` in the entry) are numbered after the ``<newN>``
+    tokens the base model already has (a model exported by ``cns_lightning.export``).
+    """
     ids = {}
     vocab = tokenizer.get_vocab()
+    known = max((int(m.group(1)) for t in vocab if (m := re.fullmatch(r"<new(\d+)>(</w>)?", t))), default=0)
+    for i, c in enumerate(concepts):
+        if known and not c.token_given:
+            c.token = f"<new{known + i + 1}>"
     for i, c in enumerate(concepts):
         where = f"data.concepts[{i}].token={c.token!r}"
         if not c.token.strip() or len(tokenizer.tokenize(c.token)) == 0:

@@ -348,35 +348,43 @@ class ContinualEvaluator:
 
     # ------------------------------------------------------------------ the protocol
     def before_training(self, pipe) -> dict[str, float]:
-        """Stage 0: zero-shot CLIP-T, and per concept the base model on its class prompts (no token)."""
+        """Stage 0: zero-shot CLIP-T, and per concept the base model on its class prompts (no token).
+
+        ``pipe`` must be the base model. Only what the state lacks is measured: nothing on a resumed
+        run, the new concepts' base scores on a sequence extended after it finished."""
         if not self.enabled:
             return {}
         st = self._require()
-        if st.stages_done or st.base:
-            if st.stages_done:
-                warnings.warn(f"{self.state_path}: resumed after stage {max(st.stages_done)}; keeping the stored base-model scores")
+        keys = ("clip_i", "clip_t", "clip_i_best", "clip_t_best") + (("dino", "dino_best") if self.dino else ())
+        missing = [c for c in self.concepts if c.name not in st.base.get("clip_i", {})]
+        with_zero_shot = "zero_shot_clip_t" not in st.base
+        if not missing and not with_zero_shot:
             return self._base_metrics()
-        base: dict[str, Any] = {k: {} for k in ("clip_i", "clip_t", "clip_i_best", "clip_t_best") + (("dino", "dino_best") if self.dino else ())}
-        samples: dict[str, list[str]] = {}
+        base: dict[str, Any] = {**st.base, **{k: dict(st.base.get(k, {})) for k in keys}}
+        samples: dict[str, list[str]] = dict(st.samples.get("0", {}))
         details: dict[str, Any] = {}
-        groups = [(single_prompts(c, self.max_prompts, with_token=False), c.name) for c in self.concepts]
-        res_all = self._evaluate_groups(pipe, groups + [(zero_shot(self.zero_shot_prompts, self.max_prompts), "zero_shot")], "stage_00")
-        for c in self.concepts:
+        groups = [(single_prompts(c, self.max_prompts, with_token=False), c.name) for c in missing]
+        if with_zero_shot:
+            groups.append((zero_shot(self.zero_shot_prompts, self.max_prompts), "zero_shot"))
+        res_all = self._evaluate_groups(pipe, groups, "stage_00")
+        for c in missing:
             res = res_all[c.name]
-            for k in base:
+            for k in keys:
                 base[k][c.name] = res[k]
             samples[c.name] = res["samples"]
             details[c.name] = res["prompts"]
-        zs = res_all["zero_shot"]
-        samples["zero_shot"] = zs["samples"]
-        base["zero_shot_clip_t"] = zs["clip_t"]
-        base["zero_shot_clip_t_best"] = zs["clip_t_best"]
+        if with_zero_shot:
+            zs = res_all["zero_shot"]
+            samples["zero_shot"] = zs["samples"]
+            details["zero_shot"] = zs["prompts"]
+            base["zero_shot_clip_t"] = zs["clip_t"]
+            base["zero_shot_clip_t_best"] = zs["clip_t_best"]
+            st.zero_shot["mean"][0] = zs["clip_t"]
+            st.zero_shot["best"][0] = zs["clip_t_best"]
         st.base = base
-        self.record_references(self.concepts)
-        st.zero_shot["mean"][0] = zs["clip_t"]
-        st.zero_shot["best"][0] = zs["clip_t_best"]
+        self.record_references(missing)
         st.samples["0"] = samples
-        self._save_details(0, {**details, "zero_shot": zs["prompts"]})
+        self._save_details(0, details, merge=True)
         st.save(self.state_path)
         return self._base_metrics()
 
@@ -502,6 +510,15 @@ class ContinualEvaluator:
         grid = sample_grid(self.run_dir, st, upto=stage)
         return {"samples/grid": grid} if grid is not None else {}
 
-    def _save_details(self, stage: int, details: dict[str, Any]) -> None:
-        """Per-prompt, per-sample scores of one stage (for inspection; not needed to resume)."""
-        atomic_write_json(_eval_dir(self.run_dir) / "details" / f"stage_{stage:02d}.json", details)
+    def _save_details(self, stage: int, details: dict[str, Any], merge: bool = False) -> None:
+        """Per-prompt, per-sample scores of one stage (for inspection; not needed to resume);
+        ``merge``: add to the file's entries (stage 0 of an extended sequence)."""
+        path = _eval_dir(self.run_dir) / "details" / f"stage_{stage:02d}.json"
+        if merge and path.is_file():
+            import json
+
+            try:
+                details = {**json.loads(path.read_text(encoding="utf-8")), **details}
+            except (OSError, ValueError):
+                pass
+        atomic_write_json(path, details)
