@@ -163,7 +163,7 @@ class CustomDiffusion(Method):
                 )
             self.deltas.append(dict(saved))
         self.set_token_rows(ctx, stages)
-        self.apply_merge(ctx, len(stages))
+        self.merge(ctx, len(stages) - 1)  # the loop's own merge step after stage n
 
     # ----------------------------------------------------------------- the merge on the model
     @torch.no_grad()
