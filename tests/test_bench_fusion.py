@@ -1,5 +1,5 @@
 """experiments/bench_fusion.py: one real CLI run per method; the table names the device and shows
-the merge cost the loop measured (Custom Diffusion's merge takes time, textual inversion has none)."""
+the merge cost the loop measured and wrote into the run's summary.json."""
 
 from __future__ import annotations
 
