@@ -115,3 +115,14 @@ def test_a_negative_knob_fails_before_anything_is_written(tmp_path, bad, key):
     with pytest.raises(ConfigValueError, match=rf"{key}=.*>= 0.*e\.g\. {key}="):
         continual.run(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_ridge_0_with_a_singular_regularization_gram_fails_before_any_stage(tmp_path):
+    """The tiny model's text features span its 32 dimensions only up to a singular value ratio of
+    about 1e-8 (measured: 6.6e-7 against 47.5), so C_reg^T C_reg is singular in float64 and ridge 0
+    cannot merge."""
+    dirs = [make_concept_folder(tmp_path / "data" / "teddy", n=3)]
+    cfg = compose_cfg(tmp_path, [concepts_override(dirs), "method=custom_diffusion", *FAST, "~logger", "calibration.num_prompts=4", "method.ridge=0"])
+    with pytest.raises(ConfigValueError, match=r"method\.ridge=0: .* singular .* Fix: method\.ridge=1e-5"):
+        continual.run(cfg)
+    assert not (tmp_path / "run" / "stages").exists() or not any((tmp_path / "run" / "stages").iterdir()), "a stage was written"

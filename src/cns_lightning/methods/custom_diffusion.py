@@ -116,9 +116,27 @@ class CustomDiffusion(Method):
 
     # ----------------------------------------------------------------- life of a run
     def setup(self, ctx: RunContext) -> None:
-        """W_0: the base model's K/V (every concept trains from it, the merge stays near it)."""
+        """W_0: the base model's K/V (every concept trains from it, the merge stays near it). With
+        ``ridge=0``, first check that C_reg^T C_reg can be inverted (before any stage trains)."""
         self.initial = {n: p.detach().clone() for n, p in cross_attention_kv(ctx.pipe.unet).items()}
         self.deltas = []
+        if self.ridge == 0 and ctx.concepts:
+            self.check_regularization(ctx)
+
+    def check_regularization(self, ctx: RunContext) -> None:
+        """Raise ``ConfigValueError`` (naming ``method.ridge``) when the regularization features of
+        the first stage leave C_reg^T C_reg singular in float64 (condition number above 1e12; the
+        tiny test model's are)."""
+        from ..preflight import ConfigValueError
+
+        c_reg = text_features(ctx, regularization_prompts(ctx, 1)).double()
+        eig = torch.linalg.eigvalsh(c_reg.T @ c_reg)
+        if float(eig[0]) <= 1e-12 * float(eig[-1]):
+            raise ConfigValueError(
+                f"method.ridge=0: the regularization prompts' text features ({c_reg.shape[0]} rows of width {c_reg.shape[1]}) "
+                f"leave C_reg^T C_reg singular (eigenvalues {float(eig[0]):.3g} .. {float(eig[-1]):.3g}), so Custom Diffusion's merge "
+                "has no unique solution. Fix: method.ridge=1e-5 (the default), or more and more varied calibration prompts."
+            )
 
     def begin_stage(self, ctx: RunContext, m: int, concept: Concept) -> MaskedStage:
         """Reset the live K/V to W_0, then train every K/V entry and the concept's token."""
