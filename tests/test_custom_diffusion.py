@@ -126,3 +126,23 @@ def test_ridge_0_with_a_singular_regularization_gram_fails_before_any_stage(tmp_
     with pytest.raises(ConfigValueError, match=r"method\.ridge=0: .* singular .* Fix: method\.ridge=1e-5"):
         continual.run(cfg)
     assert not (tmp_path / "run" / "stages").exists() or not any((tmp_path / "run" / "stages").iterdir()), "a stage was written"
+
+
+def test_target_rows_are_the_token_through_the_end_token_or_the_token_alone():
+    from cns_lightning.concepts import Concept
+    from cns_lightning.models import build_random_pipeline
+    from cns_lightning.tokens import add_concept_tokens
+
+    torch.manual_seed(0)
+    pipe = build_random_pipeline("tiny")
+    concept = Concept(name="teddy", token="<new1>", class_name="teddy bear")
+    ids = add_concept_tokens(pipe.tokenizer, pipe.text_encoder, [concept])
+    ctx = RunContext(pipe=pipe, concepts=[concept], token_ids=ids)
+    prompts = target_prompts(concept)
+    assert prompts == ["<new1> teddy bear", "photo of a <new1> teddy bear"]
+    tails = [len(pipe.tokenizer(p).input_ids) - 1 - pipe.tokenizer(p).input_ids.index(ids["teddy"]) for p in prompts]  # token .. end token
+    span = text_features(ctx, prompts, ids["teddy"], "token_to_eos")
+    alone = text_features(ctx, prompts, ids["teddy"], "token")
+    assert span.shape[0] == sum(t + 1 for t in tails) and alone.shape[0] == len(prompts)
+    assert torch.equal(alone[0], span[0]) and torch.equal(alone[1], span[tails[0] + 1])
+    assert text_features(ctx, prompts).shape[0] == 2 * pipe.tokenizer.model_max_length

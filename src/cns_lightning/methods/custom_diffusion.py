@@ -29,6 +29,8 @@ from .stage import MaskedStage, masked_stage
 
 CONCEPT_KV_FILE = "concept_kv.safetensors"  # this concept's own fine-tuned K/V: W_i - W_0, every entry
 TARGET_TEMPLATES = ("{token} {class}", "photo of a {token} {class}")  # Custom Diffusion's examples of target prompts
+# Which positions of a target prompt are C_tgt rows: from the token through the end token, or the token's alone.
+TARGET_POSITIONS = ("token_to_eos", "token")
 
 
 # ----------------------------------------------------------------------------- the merge (equations)
@@ -83,11 +85,11 @@ def regularization_prompts(ctx: RunContext, n: int) -> list[str]:
 
 
 @torch.no_grad()
-def text_features(ctx: RunContext, prompts: list[str], token_id: int | None = None) -> torch.Tensor:
-    """Rows of text-encoder hidden states (what cross-attention K/V read). With ``token_id``: the
-    positions from that token through the end token of each prompt (the positions that see the
-    token in a causal text encoder; the others equal those of the prompt without it); without:
-    every one of the 77 positions."""
+def text_features(ctx: RunContext, prompts: list[str], token_id: int | None = None, positions: str = "token_to_eos") -> torch.Tensor:
+    """Rows of text-encoder hidden states (what cross-attention K/V read). With ``token_id``: with
+    ``positions="token_to_eos"`` the positions from that token through the end token of each prompt
+    (the positions that see the token in a causal text encoder; the others equal those of the
+    prompt without it), with ``"token"`` the token's own position; without: all 77 positions."""
     tok, te = ctx.pipe.tokenizer, ctx.pipe.text_encoder
     device = next(te.parameters()).device
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
@@ -98,6 +100,7 @@ def text_features(ctx: RunContext, prompts: list[str], token_id: int | None = No
     for i, row in enumerate(ids.tolist()):
         start = row.index(token_id)
         end = row.index(tok.eos_token_id, start) if tok.eos_token_id in row[start:] else len(row) - 1
+        end = start if positions == "token" else end
         rows.append(hidden[i, start : end + 1])
     return torch.cat(rows)
 
@@ -106,10 +109,13 @@ class CustomDiffusion(Method):
     knobs = (
         Knob("lr_neurons", "float", 0.0, resumable=True),
         Knob("ridge", "float", 0.0, example="1e-5"),
+        Knob("target_positions", "choice", choices=TARGET_POSITIONS),
     )
 
-    def __init__(self, name: str = "custom_diffusion", lr_neurons: float = 2e-5, ridge: float = 1e-5, **shared):
+    def __init__(self, name: str = "custom_diffusion", lr_neurons: float = 2e-5, ridge: float = 1e-5, target_positions: str = "token_to_eos",
+                 **shared):
         super().__init__(name, **shared)
+        self.target_positions = str(target_positions)
         self.lr_neurons = float(lr_neurons)
         self.ridge = float(ridge)
         self.deltas: list[dict[str, torch.Tensor]] = []  # W_i - W_0 of concepts 1..m (CPU, as saved)
@@ -193,7 +199,7 @@ class CustomDiffusion(Method):
         if not reg_prompts:
             raise StageFormatError("custom_diffusion's merge needs regularization prompts (calibration prompts or class prompts); none were given")
         c_reg = text_features(ctx, reg_prompts).to(device)
-        targets = [text_features(ctx, target_prompts(c), ctx.token_ids[c.name]).to(device) for c in ctx.concepts[:n]]
+        targets = [text_features(ctx, target_prompts(c), ctx.token_ids[c.name], self.target_positions).to(device) for c in ctx.concepts[:n]]
         c_tgt = torch.cat(targets)
         op = merge_operator(c_tgt, c_reg, self.ridge)
         rank = int(torch.linalg.matrix_rank(c_tgt.double()))
