@@ -5,10 +5,10 @@ concepts on the tiny model, and:
 
 * a stage changes only what its ``TrainingStage.trainable()`` declares (bit-exact), and changes it;
 * the saved stages, loaded into a fresh base model (``Method.load`` via ``restore.load_run``), give
-  the live model that trained, bit-identical;
+  the live model after the loop's last merge step (``save_stage`` runs ``Method.merge``), bit-identical;
 * a run interrupted after stage 1 and resumed writes stage 2 bit-identical to an uninterrupted run;
 * ``export`` writes a folder plain ``StableDiffusionPipeline.from_pretrained`` loads, with the
-  restored weights;
+  restored (fused) weights;
 * a bad value of any knob the method declares, or a key it does not declare, fails before anything
   is written, naming the key.
 """
@@ -74,7 +74,7 @@ def trained(request, tmp_path_factory):
 
 
 def test_registered_methods_are_methods():
-    assert {"cns", "random_neurons", "full_kv", "textual_inversion"} <= set(METHODS)
+    assert {"cns", "random_neurons", "full_kv", "textual_inversion", "custom_diffusion"} <= set(METHODS)
     for name, cls in METHODS.items():
         assert issubclass(cls, Method) and cls.declared_knobs()[0].key == "steps", name
 

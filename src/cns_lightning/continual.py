@@ -3,11 +3,12 @@
 Read ``run`` top to bottom: its phases are functions of their own. Build the base model with every
 concept's token; generate (or reuse) prior images with the base model; set the method up and
 restore the completed stages (``Method.load``); then for each remaining concept: the method's stage
-(``begin_stage``: what trains), one ``Trainer.fit``, the stage saved (``end_stage``), the method's
-merge step (timed), evaluation; then the summary. Re-running the same command resumes after the
-last completed stage, or, when the run is complete, says so and changes nothing; a command whose
-``data.concepts`` adds concepts after a run folder's trains only the new ones (``run_folder.py``).
-What a method is: ``methods/base.py``.
+(``begin_stage``: what trains), one ``Trainer.fit``, the stage's files (``end_stage``), the method's
+merge step (``Method.merge``; its time and extra peak memory go into ``stage.json`` and, summed,
+into ``summary.json``'s ``fusion``), the stage saved, evaluation; then the summary. Re-running the
+same command resumes after the last completed stage, or, when the run is complete, says so and
+changes nothing; a command whose ``data.concepts`` adds concepts after a run folder's trains only
+the new ones (``run_folder.py``). What a method is: ``methods/base.py``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .checkpoint import CheckpointError, atomic_write_bytes, load_json, save_jso
 from .concepts import Concept, concepts_from_config
 from .data import ConceptDataModule
 from .distributed import is_main_rank, ranks_agree, setup_distributed
+from .fusion_cost import measure, sequence_totals
 from .evaluation.loggers import build_loggers, log_hyperparameters, finish_loggers, log_stage
 from .evaluation.validation import validation_callback
 from .methods import FORMAT_VERSION, Method, RunContext, build_method
@@ -309,33 +311,33 @@ def fit_stage(r: Run, m: int, stage: TrainingStage, stages_info: list[dict]) -> 
 
 
 def save_stage(r: Run, m: int, steps: int, seconds: float) -> dict:
-    """Stage m's folder: the method's files and ``stage.json``; returns the latter."""
+    """Stage m's folder: the method's files, its merge step (``merge``: timed and measured, the cost
+    goes into ``stage.json``) and ``stage.json``; returns the latter."""
     concept = r.concepts[m]
     try:  # under DDP every rank must end the stage with the same weights (one all-gather of a digest)
         world, digest = ranks_agree(r.method.live_tensors(r.ctx))
     except RuntimeError as e:
         raise RunError(f"stage {m + 1} ({concept.name!r}): {e}; stages 1-{m} are intact.") from e
     files = r.method.end_stage(r.ctx, m, concept)  # may round the live weights to what is saved
+    cost = merge(r, m)
     info = dict(
         concept=concept.name, token=concept.token, token_id=r.ctx.token_ids[concept.name], class_name=concept.class_name,
         category=concept.category, stage=m + 1, steps=steps, seconds=round(seconds, 2), method=r.method.name,
-        method_target=r.method.target(), format=FORMAT_VERSION, **files.info,
+        method_target=r.method.target(), format=FORMAT_VERSION, **files.info, **cost,
         **(dict(ranks=world, weights_sha256=digest) if world > 1 else {}),
     )
     write_stage(stage_dir(r.run_dir, m, concept.name), files, info)
     return info
 
 
-def merge(r: Run, m: int, info: dict) -> None:
-    """The method's fusion step after stage m, timed and memory-measured (Table 1 reports its cost)."""
-    cuda = r.ctx.pipe.unet.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    r.method.merge(r.ctx, m)
-    info["merge_seconds"] = round(time.perf_counter() - t0, 4)
-    if cuda:
-        info["merge_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+def merge(r: Run, m: int) -> dict:
+    """The method's fusion step after stage m (``Method.merge``), with its cost as Table 1 reports
+    it (``fusion_cost.measure``: wall time, extra peak CPU and GPU memory)."""
+    try:
+        _, cost = measure(lambda: r.method.merge(r.ctx, m), r.ctx.pipe.unet.device)
+    except torch.OutOfMemoryError as e:
+        raise RunError(oom_message(f"the merge step of stage {m + 1} ({r.concepts[m].name!r})", e)) from e
+    return cost
 
 
 def run(cfg: DictConfig) -> dict:
@@ -355,8 +357,7 @@ def run(cfg: DictConfig) -> dict:
         t0 = time.time()
         stage = r.method.begin_stage(r.ctx, m, r.concepts[m])  # what trains (CNS: selects the concept's neurons)
         steps = fit_stage(r, m, stage, stages_info)
-        info = save_stage(r, m, steps, time.time() - t0)
-        merge(r, m, info)
+        info = save_stage(r, m, steps, time.time() - t0)  # with the method's merge step
         stages_info.append(info)
         evaluate(r, m, stages_info)
     return finish(r, stages_info)
@@ -408,5 +409,5 @@ def summary(cfg: DictConfig, concepts: list[Concept], stages: list[dict], status
     return dict(
         name=str(cfg.get("name", "")), method=str(cfg.method.name), seed=int(cfg.seed), model=str(cfg.model.get("name", "")),
         concepts=[dict(name=c.name, token=c.token, class_name=c.class_name, category=c.category) for c in concepts],
-        stages=stages, status=status,
+        stages=stages, fusion=sequence_totals(stages), status=status,
     )

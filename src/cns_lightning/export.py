@@ -31,6 +31,22 @@ class ExportError(ValueError):
     """The export cannot be written as asked; the message names the folder and the fix."""
 
 
+METHOD_LINES = {
+    "cns": 'Concept Neuron Selection (Liao et al., "Continual Personalization for Diffusion Models", ICCV 2025): '
+           "each concept changed only its own cross-attention K/V neurons and its own token.",
+    "custom_diffusion": 'Custom Diffusion (Kumari et al., CVPR 2023): each concept trained the cross-attention K/V and its '
+                        "token from the base model; the K/V here are their closed-form constrained merge.",
+    "full_kv": "Every cross-attention K/V weight and the concept's token trained, one concept after the other.",
+    "textual_inversion": "Textual inversion: only each concept's token embedding was trained.",
+}
+
+
+def method_line(cfg) -> str:
+    """One sentence on how the run's method learned its concepts (the model card's)."""
+    name = str(cfg.get("method", {}).get("name", "?"))
+    return METHOD_LINES.get(name, f"Each concept was learned by method `{name}`.")
+
+
 def model_card(run_dir: Path, stage: int, total: int, concepts: list[Concept], cfg) -> str:
     """The README.md of an exported folder: where it came from and the tokens it knows."""
     method = cfg.get("method", {}).get("name", "?")
@@ -51,9 +67,8 @@ tags:
 
 Exported by `python -m cns_lightning.export` from the run folder `{run_dir}` after stage
 {stage} of {total} (method `{method}`, base model `{model}`, seed {cfg.get("seed", "?")}).
-Concept Neuron Selection (Liao et al., "Continual Personalization for Diffusion Models", ICCV 2025):
-each concept changed only its own cross-attention K/V neurons and its own token; one model holds
-all of them, so any subset can be combined in one prompt.
+{method_line(cfg)} The folder holds one set of weights with every concept fused in (the method's
+merge, where it has one), so any subset can be combined in one prompt.
 
 ## Concept tokens
 

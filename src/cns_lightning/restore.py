@@ -121,6 +121,19 @@ def build_base(cfg: DictConfig, device: str | torch.device = "cpu"):
     return pipe.to(torch.device(device))
 
 
+def run_calibration_prompts(info: RunInfo) -> list[str]:
+    """The run's K calibration prompts, as the loop read them (a method's merge may use them:
+    ``custom_diffusion``); none for configs without a ``calibration`` entry."""
+    if "calibration" not in info.cfg:
+        return []
+    from .continual import RunError, calibration_prompts
+
+    try:
+        return calibration_prompts(info.cfg)
+    except RunError as e:
+        raise RestoreError(f"{info.run_dir / CONFIG}: {e}") from None
+
+
 def load_run(
     run_dir: str | Path,
     stage: int | None = None,
@@ -161,7 +174,7 @@ def load_run(
     pipe = build_base(info.cfg, device)
     ids = add_concept_tokens(pipe.tokenizer, pipe.text_encoder, info.concepts if tokens == "all" else learned,
                              init=token_init(info.cfg), seed=int(info.cfg.get("seed", 0)))
-    ctx = RunContext(pipe=pipe, concepts=learned, token_ids=ids, seed=int(info.cfg.get("seed", 0)))
+    ctx = RunContext(pipe=pipe, concepts=learned, token_ids=ids, seed=int(info.cfg.get("seed", 0)), calibration_prompts=run_calibration_prompts(info))
     method.setup(ctx)
     try:
         method.load(ctx, stages)

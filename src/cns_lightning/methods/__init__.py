@@ -13,17 +13,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from .base import FORMAT_VERSION, Knob, Method, RunContext, SavedStage, StageFiles, StageFormatError
 from .cns import CNS
+from .custom_diffusion import CustomDiffusion
 from .full_kv import FullKV
 from .random_neurons import RandomNeurons
 from .textual_inversion import TextualInversion
 
 __all__ = [
-    "CNS", "FORMAT_VERSION", "FullKV", "Knob", "LEGACY_RULES", "METHODS", "Method", "MethodConfigError", "RandomNeurons",
+    "CNS", "CustomDiffusion", "FORMAT_VERSION", "FullKV", "Knob", "LEGACY_RULES", "METHODS", "Method", "MethodConfigError", "RandomNeurons",
     "RunContext", "SavedStage", "StageFiles", "StageFormatError", "TextualInversion", "build_method", "method_class",
 ]
 
 # Every registered method (the contract tests run for each).
-METHODS: dict[str, type[Method]] = {"cns": CNS, "random_neurons": RandomNeurons, "full_kv": FullKV, "textual_inversion": TextualInversion}
+METHODS: dict[str, type[Method]] = {
+    "cns": CNS, "random_neurons": RandomNeurons, "full_kv": FullKV, "textual_inversion": TextualInversion, "custom_diffusion": CustomDiffusion,
+}
 # method.neurons of configs written before methods/ -> the class that reproduces them.
 LEGACY_RULES: dict[str, type[Method]] = {"concept": CNS, "random": RandomNeurons, "all": FullKV, "none": TextualInversion}
 

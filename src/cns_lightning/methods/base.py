@@ -10,10 +10,11 @@ A method's life in a run (``continual.run`` calls these in this order; ``restore
   weights to the base model there (methods that train each concept alone, then fuse);
 * ``end_stage(ctx, m, concept)``: what the stage keeps, as named safetensors and JSON files
   (:class:`StageFiles`); the loop writes them, with ``stage.json`` and the manifest;
-* ``merge(ctx, m)``: an optional fusion step after stage m (timed and memory-measured by the loop;
-  a no-op for methods whose one model already holds every concept);
+* ``merge(ctx, m)``: an optional fusion step after ``end_stage`` (the loop measures its wall time and
+  extra peak CPU / GPU memory, ``fusion_cost``, into ``stage.json`` and ``summary.json``); it leaves
+  the live model holding concepts 1..m; a no-op for methods whose one model already holds them;
 * ``load(ctx, stages)``: rebuild the live model from the saved stages 1..n (resume, ``restore``,
-  ``generate``, ``export``).
+  ``generate``, ``export``): the model the loop had after stage n's merge.
 
 Knobs: each method declares its own (:class:`Knob`, relative to ``method.``); the knobs every
 method shares (``SHARED_KNOBS``: steps, token lr, prior weight) are declared here and live in
