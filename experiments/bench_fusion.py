@@ -34,7 +34,7 @@ MIB = 2**20
 
 
 def seq7_concepts() -> list[str]:
-    return [str(c["name"]) for c in OmegaConf.load(ROOT / "conf" / "experiment" / "seq7.yaml").data.concepts]
+    return [str(c["name"]) for c in OmegaConf.load(ROOT / "src" / "cns_lightning" / "conf" / "experiment" / "seq7.yaml").data.concepts]
 
 
 def device_name(device: str) -> str:
