@@ -60,6 +60,10 @@ RUN_KNOBS: tuple[Knob, ...] = (
     Knob("prior.batch_size", "int", 1, identity=False),
     Knob("prior.precision", "choice", choices=PRECISIONS, added=True),
     Knob("prior.compile", "bool", added=True),
+    Knob("eval.precision", "choice", choices=PRECISIONS, identity=False, added=True),
+    Knob("eval.compile", "bool", identity=False, added=True),
+    Knob("eval.regional_compile", "bool", identity=False, added=True),
+    Knob("eval.batch_size", "int", 1, identity=False, added=True),
     Knob("resume", "bool"),
     Knob("min_free_bytes", "int", 0),
     Knob("trainer.strategy.sigterm_check_every_n_steps", "int", 1),  # trainer=ddp_compact

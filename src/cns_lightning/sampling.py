@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from .prior import DECODE_BATCH, sample_images, sampling_pipeline, sampling_precision
+from .prior import DECODE_BATCH, PRECISIONS, sample_images, sampling_pipeline, sampling_precision
 
 PAD_SEED = 2**31 - 1  # the generators of padding rows (their images are dropped)
 
@@ -44,6 +44,8 @@ class Sampler:
     """
 
     def __init__(self, precision: str = "bf16", compile: bool = False, regional: bool = False, on_cpu: bool = False):
+        if precision not in PRECISIONS:
+            raise ValueError(f"sampler precision={precision!r} is not one of {', '.join(PRECISIONS)}")
         self.precision = str(precision)
         self.compile = bool(compile)
         self.regional = bool(regional)

@@ -23,8 +23,14 @@ import torch
 
 def use_compile_cache(cache_dir) -> Path:
     """Inductor's cache folder (``TORCHINDUCTOR_CACHE_DIR``; Triton's kernels go beneath it) set to
-    ``<cache_dir>/compile`` unless the environment already names one; returns the folder in use."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir).expanduser() / "compile"))
+    ``<cache_dir>/compile`` unless the user's environment names another; returns the folder in use.
+    (Inductor writes its default, ``/tmp/torchinductor_<user>``, into the environment the first time
+    it is asked, often while torch is imported: that value counts as unset.)"""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current in (None, "", default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).expanduser().resolve() / "compile")
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
