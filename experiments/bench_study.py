@@ -21,7 +21,9 @@ command line of ``python -m cns_lightning``. Builds the model once and measures,
       the first step's seconds (compile + CUDA-graph capture), the compiler's own seconds
       (``phases.compile_seconds``) and the median step after ``--warmup`` steps.
 
-Prints a table naming the device; writes every number to ``--out``/bench_study.json.
+Prints a table naming the device; writes every number to ``--out``/bench_study.json (after each
+part, so a run stopped by a time limit keeps what it measured). On one H200 the defaults are
+meant to fit in 10 minutes; ``--parts a,b,c`` and ``--parts d`` split it in two calls.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
+
+import cns_lightning.__main__  # noqa: E402,F401  (registers the config's ${micro_asset:...} resolver)
 
 from cns_lightning.evaluation import ContinualEvaluator  # noqa: E402
 from cns_lightning.evaluation.prompts import multi_prompts, single_prompts, zero_shot  # noqa: E402
@@ -269,8 +273,8 @@ def child_train(args, overrides: list[str]) -> None:
     )), flush=True)
 
 
-def part_d(args, overrides: list[str], out: Path) -> list[dict]:
-    rows = []
+def part_d(args, overrides: list[str], out: Path, r: dict) -> list[dict]:
+    rows = r.setdefault("d", [])
     for variant in [v for v in args.compile_variants.split(",") if v]:
         if variant not in ("full", "regional"):
             raise SystemExit(f"error: --compile-variants: {variant!r} is not full or regional")
@@ -291,6 +295,8 @@ def part_d(args, overrides: list[str], out: Path) -> list[dict]:
             row.update(cache=temperature, wall_s=round(time.perf_counter() - t0, 1),
                        cache_mb=round(sum(f.stat().st_size for f in compile_dir.rglob("*") if f.is_file()) / 2**20, 1))
             rows.append(row)
+            log(f"(d) {row}")
+            (out / "bench_study.json").write_text(json.dumps(r, indent=2))
         shutil.rmtree(compile_dir, ignore_errors=True)
     return rows
 
@@ -327,9 +333,9 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="concept images and prior images (default: <out>/cache)")
     ap.add_argument("--parts", default="a,b,c,d")
     ap.add_argument("--sampler", default=None, help="eager | compile | regional (default: compile on CUDA, eager on a CPU)")
-    ap.add_argument("--images", type=int, default=100, help="(a): images of each sampler row")
+    ap.add_argument("--images", type=int, default=50, help="(a): images of each sampler row")
     ap.add_argument("--steps", type=int, default=50, help="(a): sampling steps")
-    ap.add_argument("--table1-images", type=int, default=300, help="(c): images of the protocol's 2,100 run and timed")
+    ap.add_argument("--table1-images", type=int, default=250, help="(c): images of the protocol's 2,100 run and timed")
     ap.add_argument("--compile-variants", default="full,regional", help="(d): full, regional")
     ap.add_argument("--train-steps", type=int, default=60, help="(d): steps per process")
     ap.add_argument("--warmup", type=int, default=20, help="(d): steps before the median")
@@ -358,11 +364,12 @@ def main() -> None:
             log(f"({name}) ...")
             r[name] = fn(args, cfg, pipe, concepts, device, sampler, Path(args.cache) if name == "a" else out)
             log(f"({name}) {r[name]}")
+            (out / "bench_study.json").write_text(json.dumps(r, indent=2))  # kept if a later part runs out of time
     if "d" in parts:
         del pipe, sampler
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        r["d"] = part_d(args, overrides, out)
+        part_d(args, overrides, out, r)
     (out / "bench_study.json").write_text(json.dumps(r, indent=2))
     print_table(r)
 
