@@ -5,7 +5,8 @@ settings and the precision, so images are reused across concepts of the same cla
 runs. A folder is complete only once its ``done.json`` exists (written last); an interrupted
 generation is redone, and the temporary folders of killed processes are removed.
 
-On CUDA the sampler runs on a bf16 copy of the UNet and VAE (``sampling_pipeline``: weights cast
+Images are sampled by ``sampling.Sampler``, the sampler evaluation uses too (the loop passes the
+run's one sampler). On CUDA it runs on a bf16 copy of the UNet and VAE (``sampling_pipeline``: weights cast
 once, optionally ``torch.compile``d; the training weights are untouched), in large
 batches, with the text embeddings computed once; the VAE decodes ``DECODE_BATCH`` latents at a
 time and pixels become uint8 on the GPU (``sample_images``), and PNGs are written by a thread pool

@@ -26,10 +26,17 @@ def use_compile_cache(cache_dir) -> Path:
     ``<cache_dir>/compile`` unless the user's environment names another; returns the folder in use.
     (Inductor writes its default, ``/tmp/torchinductor_<user>``, into the environment the first time
     it is asked, often while torch is imported: that value counts as unset.)"""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
+        inductor_default = default_cache_dir()
+    except ImportError:  # another torch layout: Inductor's documented default
+        import getpass
+        import tempfile
+
+        inductor_default = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if current in (None, "", default_cache_dir()):
+    if current in (None, "", inductor_default):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).expanduser().resolve() / "compile")
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
