@@ -93,8 +93,9 @@ def test_bf16_evaluation_scores_agree_with_fp32(pipe, tmp_path):
     scores = {}
     for precision in ("fp32", "bf16"):
         ev = ContinualEvaluator(n_images=4, num_inference_steps=10, guidance_scale=6.0, batch_size=8, resolution=32)
-        ev.setup(tmp_path / precision, [], "cpu")
         ev.sampler = Sampler(precision, on_cpu=True)
+        ev.setup(tmp_path / precision, [], "cpu")
+        assert ev.state.settings["sampler_precision"] == precision  # recorded with the scores
         images = ev.generate(pipe, [p.generate for p in prompts])
         scores[precision] = ev.score(prompts, images)
     per = [(a["clip_t"], b["clip_t"]) for a, b in zip(scores["fp32"]["prompts"], scores["bf16"]["prompts"])]

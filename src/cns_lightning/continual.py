@@ -184,7 +184,8 @@ def restore(r: Run) -> list[dict]:
     log_hyperparameters(r.loggers, cfg)  # the whole resolved config to every logger (W&B config, hparams.yaml)
     with r.timer.phase("evaluation"):
         r.evaluator = make_evaluator(cfg, r.run_dir, r.concepts, r.ctx.pipe.unet.device)
-        shared = r.sampler is not None and r.evaluator is not None and r.evaluator.use_sampler(r.sampler)
+        take = getattr(r.evaluator, "use_sampler", None)  # eval may be any evaluator object (cfg.eval's _target_)
+        shared = r.sampler is not None and take is not None and take(r.sampler)
         if r.sampler is not None and not shared:
             r.sampler.release()  # its GPU memory: the evaluator samples with its own settings
         if r.evaluator is not None and not done:

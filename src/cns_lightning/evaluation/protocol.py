@@ -138,6 +138,8 @@ class ContinualEvaluator:
             "zero_shot_prompts": self.zero_shot_prompts[: self.max_prompts] if self.max_prompts else self.zero_shot_prompts,
             "multi_prompts": self.multi_templates,
             "generator_device": self.generator_device,
+            # the precision the images are sampled in on this device (bf16 moves ID more than CLIP: docs/evaluation.md)
+            "sampler_precision": self.sampler.runs_in(getattr(self, "device", torch.device("cpu")))[0],
         }
 
     @property
@@ -180,7 +182,9 @@ class ContinualEvaluator:
                 f"{where} holds concepts {st.concepts}, this run's sequence is {names}: a resumed run must keep the order. "
                 f"Use the original data.concepts, or another run folder, or delete {where}."
             )
-        changed = {k: (st.settings.get(k), v) for k, v in self.settings().items() if st.settings.get(k) != v}
+        added = {"sampler_precision"}  # recorded since the shared sampler; states made before it lack it
+        changed = {k: (st.settings.get(k), v) for k, v in self.settings().items()
+                   if st.settings.get(k) != v and not (k in added and k not in st.settings)}
         if changed:
             warnings.warn(f"{where}: resuming with changed evaluation settings {changed}; earlier rows used the old ones")
 
