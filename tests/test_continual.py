@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+
+import pytest
 import shutil
 from pathlib import Path
 
@@ -29,6 +31,11 @@ def test_three_concepts_train_save_and_resume(tmp_path, concept_dirs, env):
         assert 0 <= sel["total"]["general_share_of_base"] <= 1
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "complete" and len(summary["stages"]) == 3
+    phases = summary["phases"]  # where the time went (phases.py); FAST turns evaluation off
+    assert set(phases) == {"build", "priors", "compile", "training", "saving", "evaluation", "total"}
+    assert phases["build"] > 0 and phases["training"] > 0 and phases["saving"] > 0 and phases["priors"] > 0
+    assert phases["compile"] == 0 and phases["evaluation"] < 0.5  # nothing compiled on a CPU; no evaluator
+    assert phases["total"] == pytest.approx(sum(v for k, v in phases.items() if k != "total"), abs=0.01)
     final = {s.name: _hash(s / "kv.safetensors") for s in stages}
     stage1_mtime = (stages[0] / "manifest.json").stat().st_mtime_ns
 

@@ -15,6 +15,9 @@ DDP_CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.call
 @pytest.mark.parametrize("trainer", ["ddp", "ddp_masked", "ddp_compact"])  # dense all-reduce / masked entries / no DDP wrapper
 def test_two_ranks_train_identical_weights_and_rank0_saves(tmp_path, concept_dirs, env, trainer):
     args = [concepts_override(concept_dirs[:2]), *FAST, "prior.num_images=4", f"trainer={trainer}", *DDP_CPU]
+    evaluate = trainer == "ddp_compact"  # one of them with the evaluation on: its images split over the ranks
+    if evaluate:
+        args += ["++eval.enabled=true", "eval.num_inference_steps=2", "eval.max_prompts=1", "eval.n_images=3", "eval.batch_size=2"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cns_lightning", *args]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
@@ -26,6 +29,9 @@ def test_two_ranks_train_identical_weights_and_rank0_saves(tmp_path, concept_dir
         info = json.loads((s / "stage.json").read_text())
         assert info["ranks"] == 2 and len(info["weights_sha256"]) == 16  # the all-gathered digests were equal
     assert json.loads((run / "summary.json").read_text())["status"] == "complete"
+    if evaluate:  # both ranks evaluated (collectives matched), rank 0 wrote every row
+        state = json.loads((run / "eval" / "state.json").read_text())
+        assert state["stages_done"] == [1, 2] and (run / "eval" / "results.json").is_file()
     priors = tmp_path / "cache" / "priors"
     folders = sorted(d for d in priors.iterdir() if d.is_dir())
     assert len(folders) == 2 and not any(".tmp" in d.name for d in folders), [d.name for d in folders]

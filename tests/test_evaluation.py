@@ -268,3 +268,44 @@ def test_base_model_identity_scores_and_learned_verdicts(run, tmp_path):
     pc = res["per_concept"]["teddy"]
     assert res["learned"]["metric"] == "dino" and res["learned"]["of"] == 1
     assert pc["learned"] == (pc["dino_learned"] - pc["dino_base"] >= 0.5 * (pc["dino_reference"] - pc["dino_base"]))
+
+
+def _ranked_eval(rank: int, world: int, init: str, root: str, out: dict) -> None:
+    """One rank of a gloo group: the same tiny model and concepts, the whole protocol in its own
+    run folder (rank 0's is the run's; rank 1's must stay empty: only rank 0 writes)."""
+    import torch.distributed as dist
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    root = Path(root)
+    concepts = make_concepts(root / "data")
+    pipe = build_random_pipeline("tiny")
+    add_tokens(pipe, concepts)
+    ev, _ = run_sequence(root / f"rank{rank}", concepts[:2], pipe, n_images=3)
+    out[rank] = {k: M.copy() for k, M in ev.state.matrices.items()}, dict(ev.state.zero_shot), ev.state.multi["clip_i"]
+    dist.destroy_process_group()
+
+
+def test_two_ranks_split_the_images_and_get_the_single_process_scores(tmp_path):
+    """Under torch.distributed (2 gloo processes) each rank samples every other image; the gathered
+    scores equal one process's, on both ranks, and rank 1 writes nothing."""
+    import torch.multiprocessing as mp
+
+    make_concepts(tmp_path / "data")  # the same folders for every process
+    out = mp.Manager().dict()
+    # fork: the ranks reuse this process's imports (CPU and gloo only, no CUDA state to inherit)
+    mp.start_processes(_ranked_eval, args=(2, f"file://{tmp_path / 'store'}", str(tmp_path), out), nprocs=2, join=True, start_method="fork")
+    concepts = make_concepts(tmp_path / "data")
+    pipe = build_random_pipeline("tiny")
+    add_tokens(pipe, concepts)
+    ev, _ = run_sequence(tmp_path / "single", concepts[:2], pipe, n_images=3)
+    for rank in (0, 1):
+        matrices, zero_shot, multi = out[rank]
+        for key, M in ev.state.matrices.items():
+            # the same images up to +-1 in a pixel (batches of other sizes): scores (0-100) within 0.01
+            np.testing.assert_allclose(matrices[key], M, atol=1e-2, equal_nan=True)
+        np.testing.assert_allclose(zero_shot["mean"], ev.state.zero_shot["mean"], atol=1e-2)
+        assert multi == pytest.approx(ev.state.multi["clip_i"], abs=1e-2)
+    assert (tmp_path / "rank0" / "eval" / "state.json").is_file() and (tmp_path / "rank0" / "report.md").is_file()
+    assert not (tmp_path / "rank1").exists() or not any((tmp_path / "rank1").rglob("*.*"))

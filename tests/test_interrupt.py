@@ -94,7 +94,7 @@ def install_kill_point(point: tuple) -> None:
         def after_stage(self, *a, **k):
             calls[0] += 1
             if calls[0] == nth:
-                _wrap(self, "score", 1, "before")
+                _wrap(self, "score_embeddings", 1, "before")  # images made and embedded, scores not yet
             return original(self, *a, **k)
 
         ContinualEvaluator.after_stage = after_stage

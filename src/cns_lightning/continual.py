@@ -5,17 +5,18 @@ concept's token; generate (or reuse) prior images with the base model; set the m
 restore the completed stages (``Method.load``); then for each remaining concept: the method's stage
 (``begin_stage``: what trains), one ``Trainer.fit``, the stage's files (``end_stage``), the method's
 merge step (``Method.merge``; its time and extra peak memory go into ``stage.json`` and, summed,
-into ``summary.json``'s ``fusion``), the stage saved, evaluation; then the summary. Re-running the
-same command resumes after the last completed stage, or, when the run is complete, says so and
-changes nothing; a command whose ``data.concepts`` adds concepts after a run folder's trains only
-the new ones (``run_folder.py``). What a method is: ``methods/base.py``.
+into ``summary.json``'s ``fusion``), the stage saved, evaluation; then the summary (with the seconds
+of each phase: ``phases.py``). Prior images and evaluation sample with one ``sampling.Sampler``.
+Re-running the same command resumes after the last completed stage, or, when the run is complete,
+says so and changes nothing; a command whose ``data.concepts`` adds concepts after a run folder's
+trains only the new ones (``run_folder.py``). What a method is: ``methods/base.py``.
 """
 
 from __future__ import annotations
 
 import errno
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -36,9 +37,12 @@ from .methods.base import StageFormatError
 from .methods.stage import TrainingStage
 from .models import cross_attention_kv
 from .module import ContinualModule, NonFiniteLossError
+from .phases import PhaseTimer
 from .preflight import check_concept_inputs, check_config_values, check_device, check_disk_space, oom_message, output_bytes
 from .prior import model_fingerprint, prior_images
 from .run_folder import RunFolderError, check_run_folder
+from .sampling import Sampler
+from .speedups import use_compile_cache
 from .state import completed_stages, read_stage, stage_dir, write_stage
 from .tokens import add_concept_tokens, check_token_in_captions, token_init
 
@@ -68,8 +72,9 @@ def calibration_prompts(cfg: DictConfig) -> list[str]:
 
 
 def make_evaluator(cfg: DictConfig, run_dir: Path, concepts: list[Concept], device):
+    """The evaluator, on every rank (under torch.distributed the ranks share the sampling; rank 0 writes)."""
     ev_cfg = cfg.get("eval")
-    if not is_main_rank() or not ev_cfg or not ev_cfg.get("enabled", True):
+    if not ev_cfg or not ev_cfg.get("enabled", True):
         return None
     try:
         evaluator = instantiate(ev_cfg)
@@ -114,6 +119,8 @@ class Run:
     loggers: list | None = None
     evaluator: object = None
     complete: dict | None = None  # the summary of a run folder that already holds this whole run
+    sampler: Sampler | None = None  # prior images' sampler, handed on to the evaluator when its settings match
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
 
 
 def check_inputs(cfg: DictConfig) -> Run:
@@ -223,13 +230,14 @@ def make_priors(r: Run) -> None:
     cfg, pipe, r.priors = r.cfg, r.ctx.pipe, {}
     if not cfg.prior.enabled:
         return
+    r.sampler = Sampler(str(cfg.prior.get("precision", "bf16")), bool(cfg.prior.get("compile", False)))
     for c in r.concepts:
         try:
             r.priors[c.name] = prior_images(
                 pipe, c.class_prompt(), int(cfg.prior.num_images), r.cache_dir, seed=int(cfg.seed), resolution=int(cfg.data.resolution),
                 num_inference_steps=int(cfg.prior.num_inference_steps), guidance_scale=float(cfg.prior.guidance_scale),
                 batch_size=int(cfg.prior.batch_size), fingerprint=r.fingerprint,
-                precision=str(cfg.prior.get("precision", "bf16")), compile=bool(cfg.prior.get("compile", False)),
+                sampler=r.sampler,
             )
         except torch.OutOfMemoryError as e:
             raise RunError(oom_message(f"prior-image generation for {c.name!r}", e)) from e
@@ -247,28 +255,36 @@ def restore(r: Run) -> list[dict]:
     """The module, the method set up on the base model, and the completed stages loaded into it
     (``Method.load``, as ``restore.load_run`` does). Returns the completed stages' ``stage.json``."""
     cfg = r.cfg
-    r.module = ContinualModule(r.ctx.pipe, prior_weight=r.method.prior_weight, nan_check_every=cfg.get("nan_check_every", 1),
-                               log_every=cfg.trainer.get("log_every_n_steps", 10))
-    r.method.setup(r.ctx)
-    done = completed_stages(r.run_dir, [c.name for c in r.concepts]) if cfg.get("resume", True) else []
+    with r.timer.phase("build"):
+        r.module = ContinualModule(r.ctx.pipe, prior_weight=r.method.prior_weight, nan_check_every=cfg.get("nan_check_every", 1),
+                                   log_every=cfg.trainer.get("log_every_n_steps", 10))
+        r.method.setup(r.ctx)
+        done = completed_stages(r.run_dir, [c.name for c in r.concepts]) if cfg.get("resume", True) else []
     r.loggers = build_loggers(cfg.get("logger"))
     log_hyperparameters(r.loggers, cfg)  # the whole resolved config to every logger (W&B config, hparams.yaml)
-    r.evaluator = make_evaluator(cfg, r.run_dir, r.concepts, r.ctx.pipe.unet.device)
-    if r.evaluator is not None:  # on the base model: stage 0, or what it lacks (concepts added to a finished run)
-        r.evaluator.before_training(r.ctx.pipe)
+    with r.timer.phase("evaluation"):
+        r.evaluator = make_evaluator(cfg, r.run_dir, r.concepts, r.ctx.pipe.unet.device)
+        take = getattr(r.evaluator, "use_sampler", None)  # eval may be any evaluator object (cfg.eval's _target_)
+        shared = r.sampler is not None and take is not None and take(r.sampler)
+        if r.sampler is not None and not shared:
+            r.sampler.release()  # its GPU memory: the evaluator samples with its own settings
+        if r.evaluator is not None:  # on the base model: stage 0, or what it lacks (concepts added to a finished run)
+            r.evaluator.before_training(r.ctx.pipe)
     if done:
-        try:
-            for s in done:
-                r.method.check_writer(s)
-            r.method.load(r.ctx, done)
-        except StageFormatError as e:
-            raise RunError(f"{e} (resuming {r.run_dir})") from e
+        with r.timer.phase("build"):
+            try:
+                for s in done:
+                    r.method.check_writer(s)
+                r.method.load(r.ctx, done)
+            except StageFormatError as e:
+                raise RunError(f"{e} (resuming {r.run_dir})") from e
         r.module.step_offset = sum(int(s.info.get("steps", 0)) for s in done)
         left = (f"continuing with stage {len(done) + 1} of {len(r.concepts)} ({r.concepts[len(done)].name})"
                 if len(done) < len(r.concepts) else "every stage is trained; finishing the evaluation")
         print(f"[cns] resuming {r.run_dir}: stages 1-{len(done)} complete, {left}")
     if r.evaluator is not None and done and not r.evaluator.is_evaluated(len(done)):
-        r.evaluator.after_stage(r.ctx.pipe, len(done), r.concepts[: len(done)])  # interrupted between saving and evaluating it
+        with r.timer.phase("evaluation"):
+            r.evaluator.after_stage(r.ctx.pipe, len(done), r.concepts[: len(done)])  # interrupted between saving and evaluating it
     return [s.info for s in done]
 
 
@@ -291,7 +307,7 @@ def fit_stage(r: Run, m: int, stage: TrainingStage, stages_info: list[dict]) -> 
         trainer.fit(r.module, datamodule=datamodule)
     except NonFiniteLossError as e:
         r.module.end_stage()
-        save_json(r.run_dir / "summary.json", summary(cfg, r.concepts, stages_info, status=f"stopped at stage {m + 1}: {e}"))
+        save_json(r.run_dir / "summary.json", summary(cfg, r.concepts, stages_info, status=f"stopped at stage {m + 1}: {e}", phases=r.timer.summary()))
         raise RunError(
             f"{e}. Stages 1-{m} are saved and intact in {r.run_dir / 'stages'}; stage {m + 1} was not saved. "
             "The same command fails the same way again: lower method.lr_neurons / method.lr_token "
@@ -348,16 +364,21 @@ def run(cfg: DictConfig) -> dict:
               + (f" (report: {report})" if report.is_file() else "")
               + ". To add concepts, list them after these in data.concepts.")
         return r.complete
-    build(r)
-    make_priors(r)
+    use_compile_cache(r.cache_dir)  # Inductor's caches shared by every job and rerun on this machine
+    with r.timer.phase("build"):
+        build(r)
+    with r.timer.phase("priors"):
+        make_priors(r)
     stages_info = restore(r)
     for m in range(len(stages_info), len(r.concepts)):
         L.seed_everything(int(cfg.seed) + m, workers=True, verbose=False)  # each stage reproducible alone
         say(f"stage {m + 1}/{len(r.concepts)}: {r.concepts[m].name} ({r.concepts[m].token}, {r.method.name}, {r.method.steps} steps)")
         t0 = time.time()
-        stage = r.method.begin_stage(r.ctx, m, r.concepts[m])  # what trains (CNS: selects the concept's neurons)
-        steps = fit_stage(r, m, stage, stages_info)
-        info = save_stage(r, m, steps, time.time() - t0)  # with the method's merge step
+        with r.timer.phase("training"):
+            stage = r.method.begin_stage(r.ctx, m, r.concepts[m])  # what trains (CNS: selects the concept's neurons)
+            steps = fit_stage(r, m, stage, stages_info)
+        with r.timer.phase("saving"):
+            info = save_stage(r, m, steps, time.time() - t0)  # with the method's merge step
         stages_info.append(info)
         evaluate(r, m, stages_info)
     return finish(r, stages_info)
@@ -366,16 +387,20 @@ def run(cfg: DictConfig) -> dict:
 def evaluate(r: Run, m: int, stages_info: list[dict]) -> None:
     """After stage m: the evaluation protocol (CLIP-I / CLIP-T of every concept so far), logged; the summary."""
     if r.evaluator is not None:
-        metrics = r.evaluator.after_stage(r.ctx.pipe, m + 1, r.concepts[: m + 1])
-        log_stage(r.loggers, m + 1, metrics, images=r.evaluator.stage_images(m + 1), tables=r.evaluator.stage_tables())
+        with r.timer.phase("evaluation"):
+            metrics = r.evaluator.after_stage(r.ctx.pipe, m + 1, r.concepts[: m + 1])
+            if is_main_rank():
+                log_stage(r.loggers, m + 1, metrics, images=r.evaluator.stage_images(m + 1), tables=r.evaluator.stage_tables())
     if is_main_rank():
-        save_json(r.run_dir / "summary.json", summary(r.cfg, r.concepts, stages_info, status=f"stage {m + 1} of {len(r.concepts)} done"))
+        save_json(r.run_dir / "summary.json", summary(r.cfg, r.concepts, stages_info, status=f"stage {m + 1} of {len(r.concepts)} done",
+                                                      phases=r.timer.summary()))
 
 
 def finish(r: Run, stages_info: list[dict]) -> dict:
     if r.evaluator is not None:
-        r.evaluator.finish(r.ctx.pipe, r.concepts)
-    result = summary(r.cfg, r.concepts, stages_info, status="complete")
+        with r.timer.phase("evaluation"):
+            r.evaluator.finish(r.ctx.pipe, r.concepts)
+    result = summary(r.cfg, r.concepts, stages_info, status="complete", phases=r.timer.summary())
     if is_main_rank():
         save_json(r.run_dir / "summary.json", result)
     finish_loggers(r.loggers)  # wandb.finish() per job: every multirun job is its own W&B run
@@ -405,9 +430,11 @@ def final_message(run_dir: Path, result: dict) -> str:
     return "\n".join(lines)
 
 
-def summary(cfg: DictConfig, concepts: list[Concept], stages: list[dict], status: str) -> dict:
+def summary(cfg: DictConfig, concepts: list[Concept], stages: list[dict], status: str, phases: dict | None = None) -> dict:
+    """``phases``: seconds of each phase of this process so far (``phases.PhaseTimer``; a resumed
+    run counts from its restart)."""
     return dict(
         name=str(cfg.get("name", "")), method=str(cfg.method.name), seed=int(cfg.seed), model=str(cfg.model.get("name", "")),
         concepts=[dict(name=c.name, token=c.token, class_name=c.class_name, category=c.category) for c in concepts],
-        stages=stages, fusion=sequence_totals(stages), status=status,
+        stages=stages, fusion=sequence_totals(stages), status=status, **({"phases": phases} if phases is not None else {}),
     )

@@ -172,6 +172,13 @@ def is_main_rank() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) under an initialised torch.distributed group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def ranks_agree(tensors: list) -> tuple:
     """(world size, sha256 of ``tensors``) after checking that every torch.distributed rank holds
     the same values (DDP must leave identical weights on every rank); raises ``RuntimeError`` naming

@@ -49,13 +49,16 @@ class ContinualModule(L.LightningModule):
         self._first_bad: torch.Tensor | None = None
 
     # --------------------------------------------------------------- speed-ups
-    def enable_speedups(self, compile: bool | dict = False, channels_last: bool = False) -> None:
+    def enable_speedups(self, compile: bool | dict = False, channels_last: bool = False, regional: bool = False) -> None:
         """Channels-last UNet weights and/or a ``torch.compile``d UNet and text encoder for training
         steps only.
 
         Generation (prior images, evaluation), selection and the cached prior-prompt embeddings keep
         calling the plain modules, so they never trigger a recompile; the compiled callables share
-        the same parameters.
+        the same parameters. ``regional``: compile the UNet's repeated transformer blocks only
+        (diffusers' ``compile_repeated_blocks``: one graph reused by all of them, a fraction of the
+        whole UNet's compile time; in place, so every caller of the live UNet runs those blocks
+        compiled; the evaluation and prior sampler use their own bf16 copy).
         """
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
@@ -63,7 +66,11 @@ class ContinualModule(L.LightningModule):
         if compile and "unet" not in self._fast:
             kwargs = {str(k): v for k, v in compile.items()} if hasattr(compile, "items") else {}  # dict or DictConfig
             kwargs.setdefault("dynamic", False)
-            self._fast["unet"] = torch.compile(self.unet, **kwargs)
+            if regional:
+                self.unet.compile_repeated_blocks(**kwargs)
+                self._fast["unet"] = self.unet
+            else:
+                self._fast["unet"] = torch.compile(self.unet, **kwargs)
             # The instance prompts' text encoder forward and backward (the new token trains through
             # all its layers): eager, it is hundreds of small kernels and most of a step's host time.
             self._fast["text_encoder"] = torch.compile(self.text_encoder, **kwargs)

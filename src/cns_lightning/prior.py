@@ -5,7 +5,8 @@ settings and the precision, so images are reused across concepts of the same cla
 runs. A folder is complete only once its ``done.json`` exists (written last); an interrupted
 generation is redone, and the temporary folders of killed processes are removed.
 
-On CUDA the sampler runs on a bf16 copy of the UNet and VAE (``sampling_pipeline``: weights cast
+Images are sampled by ``sampling.Sampler``, the sampler evaluation uses too (the loop passes the
+run's one sampler). On CUDA it runs on a bf16 copy of the UNet and VAE (``sampling_pipeline``: weights cast
 once, optionally ``torch.compile``d; the training weights are untouched), in large
 batches, with the text embeddings computed once; the VAE decodes ``DECODE_BATCH`` latents at a
 time and pixels become uint8 on the GPU (``sample_images``), and PNGs are written by a thread pool
@@ -58,7 +59,7 @@ def cache_key(fingerprint: str, prompt: str, seed: int, count: int, resolution: 
         spec["x"] = precision
         spec["d"] = 2  # pixels converted in fp32 (sample_images), no longer in the sampler's dtype
     if compiled:
-        spec["c"] = 1
+        spec["c"] = 2  # 2: every batch padded to batch_size in the UNet too (sampling.Sampler: one graph)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -156,16 +157,24 @@ def prior_images(
     fingerprint: str | None = None,
     precision: str = "bf16",
     compile: bool = False,
+    sampler=None,
 ) -> list[Path]:
     """Paths of ``count`` images of ``prompt`` from ``pipe`` (generated once, then read from disk).
 
     ``precision``: "bf16" / "fp16" sample on a copy of the UNet and VAE in that dtype on CUDA;
     "fp32", and always on a CPU, sample with ``pipe`` itself. ``compile``: ``torch.compile`` the
     copy's UNet and VAE decoder (bf16/fp16 only; pays back only over many images: docs/benchmarks.md).
+    ``sampler``: a ``sampling.Sampler`` to sample with (the run's one sampler, kept for evaluation);
+    its settings then replace ``precision`` / ``compile``. Without one, a sampler is made for this
+    call and freed at its end.
     """
+    from .sampling import Sampler
+
     device = pipe.unet.device
-    precision = sampling_precision(device, precision)
-    compile = compile and precision != "fp32"  # the fp32 sampler is ``pipe`` itself, never compiled here
+    own = sampler is None
+    if own:
+        sampler = Sampler(precision, compile)
+    precision, compile = sampler.runs_in(device)  # the fp32 sampler is ``pipe`` itself, never compiled
     fingerprint = fingerprint or model_fingerprint(pipe)
     key = cache_key(fingerprint, prompt, seed, count, resolution, num_inference_steps, guidance_scale, precision, compile)
     folder = Path(cache_dir) / "priors" / key
@@ -186,18 +195,19 @@ def prior_images(
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{key}.tmp-{socket.gethostname()}-{os.getpid()}-"))  # named for remove_stale_temporaries
     mine = list(range(rank, count, world))
     if mine:
-        sampler = sampling_pipeline(pipe, precision, compile=compile)
-        cond, uncond = (e.to(sampler.unet.dtype) for e in prompt_embeddings(pipe, prompt, device))
+        sampler.bind(pipe)
+        cond, uncond = sampler.embed([prompt])
     with ThreadPoolExecutor(max_workers=8) as pool:
         saves = []
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
             generators = [torch.Generator(device).manual_seed(seed * 100_003 + i) for i in chunk]
-            images = sample_images(sampler, cond, uncond, generators, num_inference_steps, guidance_scale, resolution, pad=compile)
+            images = sampler.sample(cond, uncond, generators, num_inference_steps, guidance_scale, resolution, batch_size=batch_size)
             saves += [pool.submit(_save_png, im, tmp / f"{i:04d}.png") for i, im in zip(chunk, images)]
         for f in saves:
             f.result()
-    sampler = None  # free the sampling copy now (its GPU memory), not after the ranks have met
+    if own:
+        sampler.release()  # free the sampling copy now (its GPU memory), not after the ranks have met
     if world > 1:
         _barrier()
         if rank != 0:

@@ -14,6 +14,13 @@ Per stage t every learned concept i <= t is generated on its single-concept prom
 modifier token) and scored: R_clip_i[t, i] and R_clip_t[t, i] (CLIP-T on the prompt without the
 token). The same seeds are used at every stage (sample k of prompt j: ``seed + 1000 j + k``), so
 the rows differ only by what the model learned or forgot.
+
+Images come from ``sampling.Sampler``, the sampler prior images use (bf16 where the device
+supports it, batched, optionally compiled; the loop hands the evaluator its prior sampler when
+the settings match: ``use_sampler``). Noise is drawn on the CPU (``generator_device``), so the same
+seeds give the same images on every device. Under ``torch.distributed`` every rank samples every
+world-size-th image and embeds it with CLIP (and DINO); the embeddings and the first sample of
+each prompt are gathered, so every rank holds the same scores and rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,6 +36,8 @@ import torch
 from PIL import Image
 
 from ..concepts import Concept
+from ..distributed import is_main_rank, rank_and_world
+from ..sampling import Sampler
 from .forgetting import backward_transfer, forgetting, last_stage, new_matrix
 from .metrics import ClipScorer, DinoScorer, clip_text_score, load_dino, make_clip, per_image_similarity, self_similarity
 from .prompts import DEFAULT_MULTI_PROMPTS, EvalPrompt, default_zero_shot_prompts, multi_prompts, single_prompts, zero_shot
@@ -45,6 +53,9 @@ KNOWN_EXTRA = {
     # image-text cosines on the tiny pipeline's images, so smoke runs exercise unclamped CLIP-T.
     "clip_seed": 3,
     "write_report": True,  # write report.md + figures after every stage
+    "precision": "bf16",  # the sampler's precision where the device supports it (a CPU samples in fp32)
+    "compile": False,  # torch.compile the sampler's UNet + VAE decoder (static shapes: batches padded)
+    "regional_compile": False,  # with compile: only the UNet's repeated transformer blocks (diffusers' compile_repeated_blocks)
 }
 
 
@@ -103,6 +114,8 @@ class ContinualEvaluator:
         self.generator_device = str(opts["generator_device"])
         self.clip_seed = int(opts["clip_seed"])
         self.write_report = bool(opts["write_report"])
+        self.sampler = Sampler(str(opts["precision"]), bool(opts["compile"]), bool(opts["regional_compile"]))
+        self._main = True  # rank 0 (or no torch.distributed): the only rank that writes files
         self.clip: ClipScorer | None = None
         self.dino: DinoScorer | None = None
         self.state: EvalState | None = None
@@ -125,6 +138,8 @@ class ContinualEvaluator:
             "zero_shot_prompts": self.zero_shot_prompts[: self.max_prompts] if self.max_prompts else self.zero_shot_prompts,
             "multi_prompts": self.multi_templates,
             "generator_device": self.generator_device,
+            # the precision the images are sampled in on this device (bf16 moves ID more than CLIP: docs/evaluation.md)
+            "sampler_precision": self.sampler.runs_in(getattr(self, "device", torch.device("cpu")))[0],
         }
 
     @property
@@ -137,6 +152,7 @@ class ContinualEvaluator:
         self.run_dir = Path(run_dir)
         self.concepts = list(concepts)
         self.device = torch.device(device)
+        self._main = is_main_rank()
         if not self.enabled:
             return
         self.clip = make_clip(self.clip_path, self.clip_preset, self.device, seed=self.clip_seed)
@@ -166,7 +182,9 @@ class ContinualEvaluator:
                 f"{where} holds concepts {st.concepts}, this run's sequence is {names}: a resumed run must keep the order. "
                 f"Use the original data.concepts, or another run folder, or delete {where}."
             )
-        changed = {k: (st.settings.get(k), v) for k, v in self.settings().items() if st.settings.get(k) != v}
+        added = {"sampler_precision"}  # recorded since the shared sampler; states made before it lack it
+        changed = {k: (st.settings.get(k), v) for k, v in self.settings().items()
+                   if st.settings.get(k) != v and not (k in added and k not in st.settings)}
         if changed:
             warnings.warn(f"{where}: resuming with changed evaluation settings {changed}; earlier rows used the old ones")
 
@@ -188,17 +206,29 @@ class ContinualEvaluator:
         return self.state
 
     # ------------------------------------------------------------------ generation
-    @contextmanager
-    def _eval_mode(self, pipe):
-        mods = [m for m in (getattr(pipe, n, None) for n in ("unet", "text_encoder", "vae")) if isinstance(m, torch.nn.Module)]
-        modes = [m.training for m in mods]
-        for m in mods:
-            m.eval()
-        try:
-            yield
-        finally:
-            for m, was in zip(mods, modes):
-                m.train(was)
+    def use_sampler(self, sampler: Sampler) -> bool:
+        """Sample with ``sampler`` (the run's prior sampler: its weight copy and compiled graphs
+        reused) when its settings are this evaluator's; returns whether it was taken."""
+        if sampler.settings() != self.sampler.settings():
+            return False
+        self.sampler = sampler
+        return True
+
+    def _resolution(self, pipe) -> int:
+        return self.resolution or int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+    def _sample(self, pipe, prompts: Sequence[str], idx: Sequence[int], jobs: Sequence[tuple[int, int]]) -> list[Image.Image]:
+        """One image per job ``(j, k)``: sample k of prompt j with seed ``seed + 1000 idx[j] + k``."""
+        sampler = self.sampler.bind(pipe)
+        res = self._resolution(pipe)
+        out: list[Image.Image] = []
+        for b in range(0, len(jobs), self.batch_size):
+            chunk = jobs[b : b + self.batch_size]
+            gens = [torch.Generator(self.generator_device).manual_seed(self.seed + 1000 * idx[j] + k) for j, k in chunk]
+            cond, uncond = sampler.embed([prompts[j] for j, _ in chunk])
+            pixels = sampler.sample(cond, uncond, gens, self.num_inference_steps, self.guidance_scale, res, batch_size=self.batch_size)
+            out += [Image.fromarray(px.numpy()) for px in pixels]
+        return out
 
     def generate(self, pipe, prompts: Sequence[str], seed_index: Sequence[int] | None = None) -> list[list[Image.Image]]:
         """``n_samples`` images per prompt; sample k of prompt j uses seed + 1000 j + k.
@@ -209,22 +239,50 @@ class ContinualEvaluator:
         idx = list(range(len(prompts))) if seed_index is None else list(seed_index)
         jobs = [(j, k) for j in range(len(prompts)) for k in range(self.n_samples)]
         out: list[list[Image.Image]] = [[] for _ in prompts]
-        with self._eval_mode(pipe), torch.no_grad():
-            for b in range(0, len(jobs), self.batch_size):
-                chunk = jobs[b : b + self.batch_size]
-                gens = [torch.Generator(self.generator_device).manual_seed(self.seed + 1000 * idx[j] + k) for j, k in chunk]
-                kwargs = dict(height=self.resolution, width=self.resolution) if self.resolution else {}
-                images = pipe(
-                    prompt=[prompts[j] for j, _ in chunk],
-                    num_inference_steps=self.num_inference_steps,
-                    guidance_scale=self.guidance_scale,
-                    generator=gens,
-                    output_type="pil",
-                    **kwargs,
-                ).images
-                for (j, _), im in zip(chunk, images):
-                    out[j].append(im)
+        for (j, _), im in zip(jobs, self._sample(pipe, prompts, idx, jobs)):
+            out[j].append(im)
         return out
+
+    def _embed_images(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        emb = {"clip": self.clip.image_embeddings(images)}
+        if self.dino is not None:
+            emb["dino"] = self.dino.image_embeddings(images)
+        return emb
+
+    def _thumb(self, image: Image.Image) -> Image.Image:
+        im = image.copy()
+        im.thumbnail((self.thumbnail, self.thumbnail))
+        return im
+
+    def sample_and_embed(self, pipe, prompts: Sequence[str], seed_index: Sequence[int]) -> tuple[dict[str, torch.Tensor], list[Image.Image]]:
+        """The embeddings of every sample, ``{"clip": P x N x e, "dino": ...}``, and the first sample
+        of every prompt as a thumbnail. Under ``torch.distributed`` rank r samples and embeds jobs
+        r, r + world, ... and every rank receives all of them (``all_gather_object``)."""
+        P, N = len(prompts), self.n_samples
+        jobs = [(j, k) for j in range(P) for k in range(N)]
+        rank, world = rank_and_world()
+        mine = jobs[rank::world]
+        images = self._sample(pipe, prompts, list(seed_index), mine) if mine else []
+        emb = self._embed_images(images) if images else {}
+        firsts = {j: self._thumb(im) for (j, k), im in zip(mine, images) if k == 0}
+        parts = [(mine, emb, firsts)]
+        if world > 1:
+            import torch.distributed as dist
+
+            parts = [None] * world
+            dist.all_gather_object(parts, (mine, emb, firsts))
+        out = {}
+        for key in next(e for _, e, _ in parts if e):
+            dim = next(e[key].shape[1] for _, e, _ in parts if e)
+            grid = torch.empty(P, N, dim)
+            for part_jobs, e, _ in parts:
+                for (j, k), v in zip(part_jobs, e.get(key, [])):
+                    grid[j, k] = v
+            out[key] = grid
+        thumbs: dict[int, Image.Image] = {}
+        for _, _, f in parts:
+            thumbs.update(f)
+        return out, [thumbs[j] for j in range(P)]
 
     # ------------------------------------------------------------------ scoring
     def references(self, concept: Concept) -> dict[str, torch.Tensor]:
@@ -246,7 +304,7 @@ class ContinualEvaluator:
     def _save_reference_thumbnail(self, name: str, image: Image.Image) -> None:
         """The first reference image beside the samples (the report's sample grid shows it)."""
         path = _eval_dir(self.run_dir) / "samples" / "references" / f"{name}.png"
-        if not path.exists():
+        if self._main and not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             im = image.convert("RGB")
             im.thumbnail((self.thumbnail, self.thumbnail))
@@ -272,10 +330,15 @@ class ContinualEvaluator:
         sample, "prompts": per-prompt details}``. CLIP-T uses ``prompt.clip_text`` (no tokens);
         multi-concept CLIP-I is the mean over the prompt's concepts.
         """
-        by_name = {c.name: c for c in self.concepts}
         P, N = len(prompts), self.n_samples
         flat = [im for ims in images for im in ims]
-        img = self.clip.image_embeddings(flat).reshape(P, N, -1)
+        return self.score_embeddings(prompts, {k: v.reshape(P, N, -1) for k, v in self._embed_images(flat).items()})
+
+    def score_embeddings(self, prompts: Sequence[EvalPrompt], emb: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """``score`` from the samples' embeddings (``{"clip": P x N x e, "dino": ...}``)."""
+        by_name = {c.name: c for c in self.concepts}
+        P, N = len(prompts), self.n_samples
+        img = emb["clip"]
         txt = self.clip.text_embeddings([p.clip_text for p in prompts])
         per: dict[str, torch.Tensor] = {"clip_t": torch.stack([clip_text_score(img[j], txt[j].expand(N, -1)) for j in range(P)])}
         if all(p.concepts for p in prompts):
@@ -286,7 +349,7 @@ class ContinualEvaluator:
                 ]
             )
             if self.dino is not None:
-                dimg = self.dino.image_embeddings(flat).reshape(P, N, -1)
+                dimg = emb["dino"]
                 per["dino"] = torch.stack(
                     [
                         torch.stack([per_image_similarity(dimg[j], self.references(by_name[c])["dino"]) for c in p.concepts]).mean(0)
@@ -302,16 +365,17 @@ class ContinualEvaluator:
         ]
         return out
 
-    def _save_samples(self, folder: str, key: str, images: list[list[Image.Image]]) -> list[str]:
-        """First sample of every prompt as a small PNG; returns paths relative to run_dir."""
+    def _save_samples(self, folder: str, key: str, firsts: list[Image.Image]) -> list[str]:
+        """The first sample of every prompt (thumbnails) as small PNGs (rank 0 writes them);
+        returns paths relative to run_dir."""
         d = _eval_dir(self.run_dir) / "samples" / folder
-        d.mkdir(parents=True, exist_ok=True)
+        if self._main:
+            d.mkdir(parents=True, exist_ok=True)
         rel = []
-        for j, ims in enumerate(images):
-            im = ims[0].copy()
-            im.thumbnail((self.thumbnail, self.thumbnail))
+        for j, im in enumerate(firsts):
             path = d / f"{key}_p{j:02d}.png"
-            im.save(path)
+            if self._main:
+                self._thumb(im).save(path)
             rel.append(str(path.relative_to(self.run_dir)))
         return rel
 
@@ -336,13 +400,13 @@ class ContinualEvaluator:
     def _evaluate_wave(self, pipe, groups: list[tuple[list[EvalPrompt], str]], folder: str) -> dict[str, dict[str, Any]]:
         flat = [p for prompts, _ in groups for p in prompts]
         index = [j for prompts, _ in groups for j in range(len(prompts))]
-        images = self.generate(pipe, [p.generate for p in flat], seed_index=index)
+        emb, firsts = self.sample_and_embed(pipe, [p.generate for p in flat], index)
         out, start = {}, 0
         for prompts, key in groups:
-            ims = images[start : start + len(prompts)]
+            part = slice(start, start + len(prompts))
             start += len(prompts)
-            res = self.score(prompts, ims)
-            res["samples"] = self._save_samples(folder, key, ims)
+            res = self.score_embeddings(prompts, {k: v[part] for k, v in emb.items()})
+            res["samples"] = self._save_samples(folder, key, firsts[part])
             out[key] = res
         return out
 
@@ -385,7 +449,7 @@ class ContinualEvaluator:
         self.record_references(missing)
         st.samples["0"] = samples
         self._save_details(0, details, merge=True)
-        st.save(self.state_path)
+        self._save_state()
         return self._base_metrics()
 
     def _base_metrics(self) -> dict[str, float]:
@@ -429,8 +493,8 @@ class ContinualEvaluator:
         if stage not in st.stages_done:
             st.stages_done.append(stage)
         self._save_details(stage, {**details, "zero_shot": zs["prompts"]})
-        st.save(self.state_path)
-        if self.write_report:
+        self._save_state()
+        if self.write_report and self._main:
             from .report import write_report
 
             write_report(self.run_dir, st)
@@ -482,12 +546,13 @@ class ContinualEvaluator:
             st.multi = {k: float(np.mean([r[k] for r in rows])) for k in keys}
             st.multi["pairs"] = rows
             st.multi["after_stage"] = T
-        st.save(self.state_path)
+        self._save_state()
         results = results_from_state(st)
-        atomic_write_json(_eval_dir(self.run_dir) / "results.json", results)
-        from .report import write_report
+        if self._main:
+            atomic_write_json(_eval_dir(self.run_dir) / "results.json", results)
+            from .report import write_report
 
-        write_report(self.run_dir, st)
+            write_report(self.run_dir, st)
         return results
 
     # ------------------------------------------------------------------ logging payloads
@@ -512,7 +577,9 @@ class ContinualEvaluator:
 
     def _save_details(self, stage: int, details: dict[str, Any], merge: bool = False) -> None:
         """Per-prompt, per-sample scores of one stage (for inspection; not needed to resume);
-        ``merge``: add to the file's entries (stage 0 of an extended sequence)."""
+        ``merge``: add to the file's entries (stage 0 of an extended sequence). Rank 0 only."""
+        if not self._main:
+            return
         path = _eval_dir(self.run_dir) / "details" / f"stage_{stage:02d}.json"
         if merge and path.is_file():
             import json
@@ -522,3 +589,8 @@ class ContinualEvaluator:
             except (OSError, ValueError):
                 pass
         atomic_write_json(path, details)
+
+    def _save_state(self) -> None:
+        """``eval/state.json`` (rank 0 only: every rank holds the same state)."""
+        if self._main:
+            self.state.save(self.state_path)
