@@ -162,3 +162,19 @@ def test_every_registered_method_has_a_config():
         text = p.read_text()
         targets |= {line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("_target_:")}
     assert {cls.target() for cls in METHODS.values()} <= targets
+
+
+@pytest.mark.parametrize("option", ["cns", "no_reg", "random_neurons"])
+def test_the_micro_model_calibrates_the_cns_family_and_a_command_still_overrides(tmp_path, option):
+    """conf/model_method/micro_<method>.yaml (Hydra's specialization by model and method): the
+    micro world's selection share and rates for CNS and its ablations, and for no other method or
+    model; a command's own method.* override wins."""
+    micro = compose_cfg(tmp_path, ["+experiment=seq7", f"method={option}"])
+    assert (micro.method.selection.ratio, micro.method.lr_neurons, micro.method.lr_token) == (0.3, 1e-4, 5e-3)
+    check_method_keys(micro)
+    own = compose_cfg(tmp_path, ["+experiment=seq7", f"method={option}", "method.selection.ratio=0.2", "method.lr_token=1e-3"])
+    assert (own.method.selection.ratio, own.method.lr_token) == (0.2, 1e-3)
+    tiny = compose_cfg(tmp_path, ["model=tiny", f"method={option}"])
+    assert (tiny.method.selection.ratio, tiny.method.lr_neurons, tiny.method.lr_token) == (0.1, 3e-5, 5e-4)
+    kv = compose_cfg(tmp_path, ["+experiment=seq7", "method=full_kv"])
+    assert (kv.method.lr_neurons, kv.method.lr_token) == (1e-5, 5e-4)
