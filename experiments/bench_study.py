@@ -68,7 +68,7 @@ def log(msg: str) -> None:
 
 
 def compose_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "src" / "cns_lightning" / "conf"), version_base=None):
         return compose("config", overrides=overrides)
 
 

@@ -38,7 +38,7 @@ from cns_lightning.tokens import add_concept_tokens  # noqa: E402
 def main() -> None:
     overrides = sys.argv[1:]
     torch.set_num_threads(1)
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(ROOT / "src" / "cns_lightning" / "conf"), version_base=None):
         cfg = compose("config", overrides=overrides)
     cache = str(Path(cfg.paths.cache_dir).expanduser())
     torch.manual_seed(0)
