@@ -70,7 +70,8 @@ def test_each_concept_trains_from_the_base_model_and_the_fusion_keeps_both(tmp_p
     assert all(s.json[PROMPTS_FILE]["prompts"] for s in stages)
     # the fused weight is the best single weight for every concept's own layer outputs on the inputs
     # its model saw: its summed error is at most that of W_0 or of any one concept's own weight
-    grams = r.method.grams
+    fused_weights = {key: lin.weight.detach().double().clone() for key, lin in lins.items()}
+    grams = [r.method.concept_grams(r.ctx, i) for i in range(2)]  # each concept's inputs, recorded again
     for key, lin in lins.items():
         prefix, name = key.split(".", 1)
         owns = [w0[key].double() + b.double() @ a.double() for a, b in (s[prefix][name] for s in r.method.saved)]
@@ -79,6 +80,6 @@ def test_each_concept_trains_from_the_base_model_and_the_fusion_keeps_both(tmp_p
         def error(w):
             return sum(torch.trace((w - own) @ g @ (w - own).t()) for own, g in zip(owns, gs))
 
-        fused = lin.weight.detach().double()
+        fused = fused_weights[key]
         assert all(error(fused) <= error(w) * (1 + 1e-6) + 1e-9 for w in [w0[key].double(), *owns]), key
-        assert not torch.equal(lin.weight, w0[key])
+        assert not torch.equal(fused, w0[key].double())

@@ -8,7 +8,8 @@ of attn1 and attn2 (``lr_lora``), plus the concept's token. After stage m, gradi
 concept's own LoRA outputs on the inputs that layer saw while sampling that concept's own model
 (the concept's prompts, ``fusion_prompts`` of them, ``fusion_steps`` sampler steps): per layer
 W* = argmin_W sum_i ||(W_0 + ΔW_i) X_i - W X_i||^2. Mix-of-Show solves it with L-BFGS on stored
-activations; here the inputs are kept as their Gram matrices X_i^T X_i (exact for this objective)
+activations; here each layer keeps only the running sums of X_i^T X_i and ΔW_i X_i^T X_i over the
+concepts so far (exact for this objective: two matrices per layer, whatever the number of concepts)
 and the solution is the closed form, the minimiser nearest W_0.
 
 Differs from ED-LoRA: one token embedding per concept (the project's), not one per UNet layer.
@@ -36,8 +37,13 @@ def gradient_fusion(base: torch.Tensor, deltas: list[torch.Tensor], grams: list[
     reach, the weight stays W_0, as L-BFGS started at W_0 leaves it). fp64, then ``base``'s dtype."""
     g = sum(x.double() for x in grams)
     rhs = sum(d.double() @ x.double() for d, x in zip(deltas, grams))
-    pinv = torch.linalg.pinv(g, rtol=rcond, hermitian=True)
-    return (base.double() + rhs @ pinv).to(base.dtype)
+    return fusion_solution(base, rhs, g, rcond)
+
+
+def fusion_solution(base: torch.Tensor, rhs: torch.Tensor, gram: torch.Tensor, rcond: float = 1e-10) -> torch.Tensor:
+    """W_0 + R G^+ for the running sums R = sum_i ΔW_i G_i and G = sum_i G_i of :func:`gradient_fusion`."""
+    pinv = torch.linalg.pinv(gram.double(), rtol=rcond, hermitian=True)
+    return (base.double() + rhs.double() @ pinv).to(base.dtype)
 
 
 class GramRecorder:
@@ -77,8 +83,8 @@ class MixOfShow(LoRAMethod):
         super().__init__(name, rank=rank, lr_lora=lr_lora, layers=layers, **shared)
         self.lr_text = float(lr_text)
         self.fusion_prompts, self.fusion_steps, self.fusion_guidance = int(fusion_prompts), int(fusion_steps), float(fusion_guidance)
-        self.grams: list[dict[str, dict[str, torch.Tensor]]] = []
         self.prompts: list[list[str]] = []
+        self._reset_sums()
 
     def targets(self, ctx: RunContext) -> dict[str, dict[str, nn.Linear]]:
         return {"unet": unet_targets(ctx.pipe.unet, self.layers), "text_encoder": text_targets(ctx.pipe.text_encoder)}
@@ -88,7 +94,14 @@ class MixOfShow(LoRAMethod):
 
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
-        self.grams, self.prompts = [], []
+        self.prompts = []
+        self._reset_sums()
+
+    def _reset_sums(self) -> None:
+        # Running sums of gradient fusion per layer, (sum_i ΔW_i G_i, sum_i G_i) over concepts
+        # 1..fused (fp64): memory of two matrices per layer, whatever the number of concepts.
+        self.sums: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.fused = 0
 
     def end_stage(self, ctx: RunContext, m: int, concept: Concept) -> StageFiles:
         files = super().end_stage(ctx, m, concept)
@@ -110,37 +123,44 @@ class MixOfShow(LoRAMethod):
             grams = {p: r.close() for p, r in recorders.items()}
         return grams
 
-    def _own_model(self, ctx: RunContext, i: int) -> dict[str, dict[str, LoRA]]:
-        """Base weights with concept i's saved adapters attached."""
-        out = {}
+    def concept_grams(self, ctx: RunContext, i: int) -> dict[str, dict[str, torch.Tensor]]:
+        """G_i per adapted layer, recorded on concept i's own model (base weights + its saved
+        adapters, attached for the recording only; the adapted weights are left at W_0)."""
+        live = {}
         with torch.no_grad():
             for p, lins in self.targets(ctx).items():
-                out[p] = {}
+                live[p] = {}
                 for n, lin in lins.items():
                     lin.weight.copy_(self.base[p][n])
                     a, b = self.saved[i][p][n]
-                    out[p][n] = LoRA(a.clone(), b.clone()).attach(lin)
-        return out
+                    live[p][n] = LoRA(a.clone(), b.clone()).attach(lin)
+        try:
+            return self.record(ctx, i)
+        finally:
+            detach_all({f"{p}.{n}": a for p, ads in live.items() for n, a in ads.items()})
 
     def compose(self, ctx: RunContext, saved) -> None:
-        """Gradient fusion of stages 1..len(saved): each concept's Gram matrices recorded (once per
-        concept, cached), then :func:`gradient_fusion` per layer."""
-        k = len(saved)
-        self.grams = self.grams[:k]
-        for i in range(len(self.grams), k):
-            live = self._own_model(ctx, i)
-            try:
-                self.grams.append(self.record(ctx, i))
-            finally:
-                detach_all({f"{p}.{n}": a for p, ads in live.items() for n, a in ads.items()})
+        """Gradient fusion of stages 1..len(saved): each new concept's Gram matrices recorded once
+        and added to the running sums, then :func:`fusion_solution` per layer."""
+        if len(saved) < self.fused:
+            self._reset_sums()
+        for i in range(self.fused, len(saved)):
+            grams = self.concept_grams(ctx, i)
+            for p, lins in self.targets(ctx).items():
+                layer = self.sums.setdefault(p, {})
+                for n in lins:
+                    g = grams[p][n]
+                    r = delta_of(saved[i][p][n], g.device).double() @ g
+                    old = layer.get(n)
+                    layer[n] = (r, g) if old is None else (old[0] + r, old[1] + g)
+            self.fused = i + 1
         with torch.no_grad():
             for p, lins in self.targets(ctx).items():
                 for n, lin in lins.items():
-                    w = self.base[p][n]
-                    deltas = [delta_of(s[p][n], w.device) for s in saved]
-                    lin.weight.copy_(gradient_fusion(w, deltas, [g[p][n] for g in self.grams]))
+                    r, g = self.sums[p][n]
+                    lin.weight.copy_(fusion_solution(self.base[p][n], r, g))
 
     def load(self, ctx: RunContext, stages: list[SavedStage]) -> None:
         self.prompts = [list(s.json.get(PROMPTS_FILE, {}).get("prompts", [])) for s in stages]
-        self.grams = []
+        self._reset_sums()
         super().load(ctx, stages)
