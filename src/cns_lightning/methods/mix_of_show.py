@@ -90,7 +90,9 @@ class MixOfShow(LoRAMethod):
         return {"unet": unet_targets(ctx.pipe.unet, self.layers), "text_encoder": text_targets(ctx.pipe.text_encoder)}
 
     def lr_of(self, prefix: str, ctx: RunContext) -> float:
-        return (self.lr_text if prefix == "text_encoder" else self.lr_lora) * ctx.kv_lr_scale
+        """UNet adapters scale with the model's ``kv_lr_scale`` (its UNet weights' rate), the text
+        encoder's with ``token_lr_scale`` (its text-encoder side, as the token's; docs/knobs.md)."""
+        return self.lr_text * ctx.token_lr_scale if prefix == "text_encoder" else self.lr_lora * ctx.kv_lr_scale
 
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
