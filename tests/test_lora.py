@@ -49,3 +49,18 @@ def test_targets_and_the_stage_file_use_diffusers_module_names():
         module, part = rest.rsplit(".", 2)[0], rest.rsplit(".", 2)[1]
         assert prefix == "unet" and module in modules and part in ("lora_A", "lora_B") and key.endswith(".weight"), key
         assert t.dtype == torch.float32
+
+
+def test_a_stage_that_trains_the_text_encoder_gets_no_cached_prior_embedding():
+    from cns_lightning.methods.lora import LoRAStage
+    from cns_lightning.module import ContinualModule
+
+    pipe = build_random_pipeline("tiny")
+    module = ContinualModule(pipe)
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    ids = torch.full((2, 77), 7, dtype=torch.long)  # one prior prompt, no trainable token
+    for trains, cached in ((False, True), (True, False)):
+        module.begin_stage(LoRAStage(key="c01", token_ids=[1], groups=[], embeddings=emb, lr_token=0.1, trains_text_encoder=trains))
+        batch = module.on_before_batch_transfer({"prior_input_ids": ids.clone()})
+        assert ("prior_text_key" in batch) == cached, f"trains_text_encoder={trains}"
+    module.end_stage()
