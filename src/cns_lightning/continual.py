@@ -33,7 +33,7 @@ from .fusion_cost import measure, sequence_totals
 from .evaluation.loggers import build_loggers, log_hyperparameters, finish_loggers, log_stage
 from .evaluation.validation import validation_callback
 from .methods import FORMAT_VERSION, Method, RunContext, build_method
-from .methods.base import StageFormatError
+from .methods.base import ModelFitError, StageFormatError
 from .methods.stage import TrainingStage
 from .models import cross_attention_kv
 from .module import ContinualModule, NonFiniteLossError
@@ -200,6 +200,10 @@ def build(r: Run) -> None:
     check_resolution(pipe, cfg)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
     pipe.to(setup_distributed(device))
+    try:
+        r.method.check_model(pipe, r.concepts)  # knobs that must fit the model (an orthogonal basis): before any stage
+    except ModelFitError as e:
+        raise RunError(f"{e} Nothing was trained.") from None
     r.fingerprint = model_fingerprint(pipe)  # of the base model before any token is added: names its prior-image cache
     save_json(r.run_dir / "base_model.json", {"fingerprint": r.fingerprint, "name": str(cfg.model.get("name", ""))})
     token_ids = add_concept_tokens(pipe.tokenizer, pipe.text_encoder, r.concepts, init=token_init(cfg), seed=int(cfg.seed))

@@ -107,10 +107,11 @@ class ContinualModule(L.LightningModule):
             torch.manual_seed(torch.initial_seed() + 1_000_003 * self.trainer.global_rank)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
-        """Mark a batch whose prior prompts are one prompt with no trainable token (still on the CPU,
+        """Mark a batch whose prior prompts are one prompt with no trainable token, in a stage whose
+        text encoder's weights do not train (``stage.trains_text_encoder``; still on the CPU,
         so no host sync): its text embedding is computed once per stage (``_prior_condition``)."""
         ids = batch.get("prior_input_ids") if isinstance(batch, dict) else None
-        if not self.cache_prior_text or self.stage is None or ids is None or ids.device.type != "cpu":
+        if not self.cache_prior_text or self.stage is None or ids is None or ids.device.type != "cpu" or getattr(self.stage, "trains_text_encoder", False):
             return batch
         first = ids[:1]
         trainable = torch.tensor(self.stage.token_ids, dtype=ids.dtype)

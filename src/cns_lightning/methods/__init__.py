@@ -12,20 +12,24 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .base import FORMAT_VERSION, Knob, Method, RunContext, SavedStage, StageFiles, StageFormatError
+from .c_lora import CLoRA
 from .cns import CNS
 from .custom_diffusion import CustomDiffusion
 from .full_kv import FullKV
+from .mix_of_show import MixOfShow
+from .orthogonal_adaptation import OrthogonalAdaptation
 from .random_neurons import RandomNeurons
 from .textual_inversion import TextualInversion
 
 __all__ = [
-    "CNS", "CustomDiffusion", "FORMAT_VERSION", "FullKV", "Knob", "LEGACY_RULES", "METHODS", "Method", "MethodConfigError", "RandomNeurons",
+    "CLoRA", "CNS", "CustomDiffusion", "FORMAT_VERSION", "MixOfShow", "OrthogonalAdaptation", "FullKV", "Knob", "LEGACY_RULES", "METHODS", "Method", "MethodConfigError", "RandomNeurons",
     "RunContext", "SavedStage", "StageFiles", "StageFormatError", "TextualInversion", "build_method", "method_class",
 ]
 
 # Every registered method (the contract tests run for each).
 METHODS: dict[str, type[Method]] = {
     "cns": CNS, "random_neurons": RandomNeurons, "full_kv": FullKV, "textual_inversion": TextualInversion, "custom_diffusion": CustomDiffusion,
+    "c_lora": CLoRA, "orthogonal_adaptation": OrthogonalAdaptation, "mix_of_show": MixOfShow,
 }
 # method.neurons of configs written before methods/ -> the class that reproduces them.
 LEGACY_RULES: dict[str, type[Method]] = {"concept": CNS, "random": RandomNeurons, "all": FullKV, "none": TextualInversion}

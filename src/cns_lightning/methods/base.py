@@ -3,6 +3,8 @@
 A method's life in a run (``continual.run`` calls these in this order; ``restore.load_run`` calls
 ``setup`` then ``load``):
 
+* ``check_model(pipe, concepts)``: once, on the base model before the loop writes anything but the
+  run folder's config (knobs that must fit the model, e.g. an orthogonal basis);
 * ``setup(ctx)``: once, on the base model with every concept's token added (e.g. W_0, norms);
 * ``begin_stage(ctx, m, concept)``: what trains in stage m: a :class:`~.stage.TrainingStage` that
   the LightningModule drives (optimizer groups and learning rates, extra loss terms such as L_reg,
@@ -100,6 +102,10 @@ def stage_key(index: int) -> str:
     return f"c{index + 1:02d}"
 
 
+class ModelFitError(ValueError):
+    """A method knob that does not fit the run's model or sequence; the message names the key and the fix."""
+
+
 class StageFormatError(ValueError):
     """A stage folder that this method cannot load; the message names the folder and the fix."""
 
@@ -124,6 +130,11 @@ class Method(ABC):
     def declared_knobs(cls) -> tuple[Knob, ...]:
         """Every knob of ``method.`` this method reads (shared first), keys relative to ``method.``."""
         return SHARED_KNOBS + cls.knobs
+
+    def check_model(self, pipe, concepts: list[Concept]) -> None:  # noqa: B027 - optional hook
+        """Before anything of the run's stages is written, on the base model: raise
+        :class:`ModelFitError` (naming the knob and the fix) if the method cannot train ``concepts``
+        on this model (e.g. an orthogonal basis too small for the sequence)."""
 
     def setup(self, ctx: RunContext) -> None:  # noqa: B027 - optional hook
         """Before stage 1 (and before ``load``), on the base model with every concept's token added."""
