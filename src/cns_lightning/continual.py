@@ -285,7 +285,7 @@ def restore(r: Run) -> list[dict]:
         r.module.step_offset = sum(int(s.info.get("steps", 0)) for s in done)
         left = (f"continuing with stage {len(done) + 1} of {len(r.concepts)} ({r.concepts[len(done)].name})"
                 if len(done) < len(r.concepts) else "every stage is trained; finishing the evaluation")
-        print(f"[cns] resuming {r.run_dir}: stages 1-{len(done)} complete, {left}")
+        say(f"resuming {r.run_dir}: stages 1-{len(done)} complete, {left}")
     if r.evaluator is not None and done and not r.evaluator.is_evaluated(len(done)):
         with r.timer.phase("evaluation"):
             r.evaluator.after_stage(r.ctx.pipe, len(done), r.concepts[: len(done)])  # interrupted between saving and evaluating it
@@ -364,9 +364,9 @@ def run(cfg: DictConfig) -> dict:
     r = check_inputs(cfg)
     if r.complete is not None:  # nothing to train or evaluate: leave the folder as it is
         report = r.run_dir / "report.md"
-        print(f"[cns] {r.run_dir} is complete: all {len(r.concepts)} concepts trained and evaluated; nothing to do"
-              + (f" (report: {report})" if report.is_file() else "")
-              + ". To add concepts, list them after these in data.concepts.")
+        say(f"{r.run_dir} is complete: all {len(r.concepts)} concepts trained and evaluated; nothing to do"
+            + (f" (report: {report})" if report.is_file() else "")
+            + ". To add concepts, list them after these in data.concepts.")
         return r.complete
     use_compile_cache(r.cache_dir)  # Inductor's caches shared by every job and rerun on this machine
     with r.timer.phase("build"):

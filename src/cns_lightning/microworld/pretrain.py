@@ -51,6 +51,11 @@ OMIT_VARIANTS = ({"colour", "pattern"}, {"colour", "pattern"}, {"pattern"}, {"po
 # --------------------------------------------------------------------------------------------- data
 
 
+def _token_ids(tok, captions: list[str]) -> np.ndarray:
+    """int32 [n, 77]: captions padded to CLIP's 77 positions."""
+    return np.asarray(tok(captions, padding="max_length", max_length=77, truncation=True).input_ids, np.int32)
+
+
 def _render_chunk(args):
     scenes, omits = args
     from ..tokenizer import clip_tokenizer
@@ -59,8 +64,7 @@ def _render_chunk(args):
     imgs = np.stack([np.asarray(s.render()) for s in scenes])
     full = [s.caption() for s in scenes]
     part = [s.caption(o) for s, o in zip(scenes, omits)]
-    enc = lambda t: tok(t, padding="max_length", max_length=77, truncation=True).input_ids
-    return imgs, np.asarray(enc(full), np.int32), np.asarray(enc(part), np.int32)
+    return imgs, _token_ids(tok, full), _token_ids(tok, part)
 
 
 def identity_caption(scene: W.Scene, omit: frozenset[str] | set[str] = frozenset()) -> str:
@@ -94,8 +98,7 @@ def _render_identity_chunk(args):
         imgs.append(np.asarray(I.render(scene, needs)))
         full.append(identity_caption(scene))
         part.append(identity_caption(scene, o))
-    enc = lambda t: tok(t, padding="max_length", max_length=77, truncation=True).input_ids
-    return np.stack(imgs), np.asarray(enc(full), np.int32), np.asarray(enc(part), np.int32)
+    return np.stack(imgs), _token_ids(tok, full), _token_ids(tok, part)
 
 
 def make_data(n: int, seed: int, workers: int, identity_share: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
