@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=16)
     ap.add_argument("--out", default=None, help="JSON file for the table's numbers")
     a = ap.parse_args()
+    if any("=" not in p for p in a.pipeline):
+        ap.error(f"--pipeline takes NAME=FOLDER, got {[p for p in a.pipeline if '=' not in p]}")
     pipes = dict(p.split("=", 1) for p in a.pipeline) or {"shipped": None}
     vaes = {name: micro_pipeline(path).vae.eval() for name, path in pipes.items()}
     embed = I.identity_embedder(a.identity)

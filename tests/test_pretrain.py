@@ -78,3 +78,13 @@ def test_identity_scenes_are_captioned_in_world_words_only():
     assert any(not (set(cap.split()) & set(W.COLOURS)) for cap in captions)
     # the two halves differ: world scenes first, identities after
     assert not np.array_equal(imgs[:20], imgs[20:])
+
+
+def test_an_identity_share_outside_0_to_1_is_refused_naming_the_flag(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "p"), "--identity-share", "1.5"])
+    assert e.value.code != 0
+    assert "--identity-share 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists(), "nothing is written for a refused command"

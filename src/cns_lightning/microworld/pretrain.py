@@ -425,6 +425,8 @@ def main(argv=None) -> None:
     ap.add_argument("--n-eval", type=int, default=300)
     ap.add_argument("--guidances", default="3,5", help="classifier-free guidance scales to score")
     a = ap.parse_args(argv)
+    if not 0.0 <= a.identity_share <= 1.0:
+        ap.error(f"--identity-share {a.identity_share}: a share of the pretraining scenes, from 0 (world scenes only) to 1; e.g. --identity-share 0.3")
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPModel
