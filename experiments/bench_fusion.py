@@ -54,7 +54,16 @@ def device_name(device: str) -> str:
 def run_method(method: str, args, out: Path) -> dict:
     """One run of the CLI; its summary.json's stages and fusion totals, and the run's wall time."""
     names = seq7_concepts()[: args.concepts]
-    concepts = "data.concepts=[" + ",".join(f"{{name:{n},source:microworld}}" for n in names) + "]"
+    res = int(OmegaConf.load(ROOT / "src" / "cns_lightning" / "conf" / "model" / f"{args.model}.yaml").get("resolution", 64))
+    if res > 64:  # the world renders 64 px: a larger model gets the same images upscaled (bench_gpu.seq_concepts)
+        sys.path.insert(0, str(ROOT / "experiments"))
+        from bench_gpu import seq_concepts
+
+        items = [f"{{name:{c.name},class_name:'{c.class_name}',category:{c.category},path:'{c.path}'}}"
+                 for c in seq_concepts(names, out / "cache", res)]
+    else:
+        items = [f"{{name:{n},source:microworld}}" for n in names]
+    concepts = "data.concepts=[" + ",".join(items) + "]"
     run_dir = out / method
     cmd = [
         sys.executable, "-m", "cns_lightning", "+experiment=seq7", f"model={args.model}", f"method={method}", concepts,

@@ -161,16 +161,24 @@ def part_a(args, cfg, pipe, concepts, device, sampler, cache: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------- (b)
-def part_b(args, cfg, pipe, concepts, device, sampler, out: Path) -> dict:
-    """One evaluation after a stage at the run's eval settings, as the loop calls it."""
-    ev = instantiate(cfg.eval)
-    run_dir = out / "eval_run"
+def part_b(args, cfg, pipe, concepts, device, sampler, out: Path) -> list[dict]:
+    """One evaluation after a stage at the run's eval settings, as the loop calls it, for each
+    ``--eval-batches`` (images per pipeline call; the first is the config's)."""
+    batches = [int(b) for b in (args.eval_batches or str(cfg.eval.batch_size)).split(",") if b]
+    return [part_b_one(cfg, pipe, concepts, device, sampler, out, b) for b in batches]
+
+
+def part_b_one(cfg, pipe, concepts, device, sampler, out: Path, batch: int) -> dict:
+    ev = instantiate(cfg.eval, batch_size=batch)
+    run_dir = out / f"eval_run_b{batch}"
     shutil.rmtree(run_dir, ignore_errors=True)
     ev.setup(run_dir, concepts, device)
     shared = ev.use_sampler(sampler)
     _, base_s = timed(lambda: ev.before_training(pipe), device)
     _, s1 = timed(lambda: ev.after_stage(pipe, 1, concepts[:1]), device)
     _, s7 = timed(lambda: ev.after_stage(pipe, 7, concepts), device)
+    ev.write_report = False  # where the time goes: the same evaluation without report.md and its figures
+    _, s7_plain = timed(lambda: ev.after_stage(pipe, 7, concepts), device)
 
     def images(t: int) -> int:  # what after_stage(t) samples
         prompts = sum(len(single_prompts(c, ev.max_prompts)) for c in concepts[:t]) + len(zero_shot(ev.zero_shot_prompts, ev.max_prompts))
@@ -179,7 +187,7 @@ def part_b(args, cfg, pipe, concepts, device, sampler, out: Path) -> dict:
     return dict(settings=f"{ev.n_samples} samples x (concepts' prompts + zero-shot), {ev.num_inference_steps} steps, batch {ev.batch_size}, "
                          f"max_prompts {ev.max_prompts}, CLIP {ev.clip.name}",
                 sampler="shared with (a)" if shared else f"its own ({ev.sampler.settings()})",
-                base_s=round(base_s, 2), stage1_s=round(s1, 2), stage7_s=round(s7, 2),
+                batch=batch, base_s=round(base_s, 2), stage1_s=round(s1, 2), stage7_s=round(s7, 2), stage7_no_report_s=round(s7_plain, 2),
                 stage1_images=images(1), stage7_images=images(7))
 
 
@@ -187,7 +195,7 @@ def part_b(args, cfg, pipe, concepts, device, sampler, out: Path) -> dict:
 def part_c(args, cfg, pipe, concepts, device, sampler, out: Path) -> dict:
     """The Table-1 protocol for one 7-concept set, ``--table1-images`` of its 2,100 images."""
     clip = vit_b32_clip(device) if device.type == "cuda" else None
-    batch = int(cfg.prior.batch_size)  # the sampler's compiled shape from (a)
+    batch = int(args.table1_batch or cfg.prior.batch_size)  # default: the sampler's compiled shape from (a)
     samples = min(TABLE1["samples"], args.table1_images)
     n_prompts = max(1, min(TABLE1["single"] + TABLE1["multi"], args.table1_images // samples))
     steps = TABLE1["steps"] if device.type == "cuda" else args.steps  # a CPU smoke run: --steps
@@ -198,7 +206,10 @@ def part_c(args, cfg, pipe, concepts, device, sampler, out: Path) -> dict:
     ev.setup(out / "table1_run", concepts, device)
     if clip is not None:
         ev.clip = clip
-    ev.use_sampler(sampler)
+    if batch == int(cfg.prior.batch_size) or not sampler.compile:
+        ev.use_sampler(sampler)
+    else:  # another batch would recompile (75 s on an H200): the same precision, eager
+        ev.sampler = Sampler(sampler.precision)
     single = [p for c in concepts for p in single_prompts(c, None)][: TABLE1["single"]]
     multi = [multi_prompts(a, b, ev.multi_templates, 1)[0] for a, b in zip(concepts, concepts[1:] + concepts[:1])][: TABLE1["multi"]]
     prompts = single + multi
@@ -211,7 +222,7 @@ def part_c(args, cfg, pipe, concepts, device, sampler, out: Path) -> dict:
     _, seconds = timed(protocol, device)
     images = n_prompts * ev.n_samples
     total = TABLE1["single"] + TABLE1["multi"]
-    return dict(prompts_available=len(prompts), prompts=n_prompts, samples=ev.n_samples, images=images, steps=ev.num_inference_steps,
+    return dict(batch=batch, sampler=ev.sampler.settings(), prompts_available=len(prompts), prompts=n_prompts, samples=ev.n_samples, images=images, steps=ev.num_inference_steps,
                 seconds=round(seconds, 2), img_s=round(images / seconds, 3), clip=ev.clip.name,
                 projected_2100_s=round(seconds / images * total * TABLE1["samples"], 1))
 
@@ -311,13 +322,12 @@ def print_table(r: dict) -> None:
         print(f"| (a) sampler `{a['sampler']}` ({a['precision']}), compile + first batch of {a['batch']} | {a['first_batch_s']} s (compiler {a['sampler_compile_s']} s) |")
         print(f"| (a) prior images: {a['images']} at {a['steps']} steps, batch {a['batch']} (`prior_images`, PNGs written) | {a['prior_s']} s = {a['prior_img_s']} img/s |")
         print(f"| (a) evaluation images: {a['eval_images']}, same steps, batch and sampler (`ContinualEvaluator.generate`) | {a['eval_s']} s = {a['eval_img_s']} img/s ({a['eval_over_prior']:.2f}x the prior sampler) |")
-    b = r.get("b")
-    if b:
+    for b in r.get("b") or []:
         print(f"| (b) evaluation after stage 1 at the run's `eval` ({b['settings']}; sampler {b['sampler']}) | {b['stage1_s']} s (stage 0: {b['base_s']} s) |")
-        print(f"| (b) same after stage 7 (7 concepts learned) | {b['stage7_s']} s |")
+        print(f"| (b) same after stage 7 (7 concepts learned; {b['stage7_images']} images) | {b['stage7_s']} s ({b['stage7_no_report_s']} s without report.md) |")
     c = r.get("c")
     if c:
-        print(f"| (c) Table-1 protocol: {c['images']} of 2,100 images ({c['prompts']} of 42 prompts x {c['samples']} samples, {c['steps']} steps, CFG, CLIP {c['clip']}) | {c['seconds']} s = {c['img_s']} img/s |")
+        print(f"| (c) Table-1 protocol: {c['images']} of 2,100 images ({c['prompts']} of 42 prompts x {c['samples']} samples, {c['steps']} steps, CFG, batch {c.get('batch')}, CLIP {c['clip']}) | {c['seconds']} s = {c['img_s']} img/s |")
         print(f"| (c) whole protocol, projected from that rate | {c['projected_2100_s']} s = {c['projected_2100_s'] / 60:.1f} min |")
     for d in r.get("d", []):
         if "error" in d:
@@ -336,6 +346,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=50, help="(a): images of each sampler row")
     ap.add_argument("--steps", type=int, default=50, help="(a): sampling steps")
     ap.add_argument("--table1-images", type=int, default=250, help="(c): images of the protocol's 2,100 run and timed")
+    ap.add_argument("--eval-batches", default=None, help="(b): comma-separated eval batch sizes (default: the config's eval.batch_size)")
+    ap.add_argument("--table1-batch", type=int, default=None, help="(c): images per pipeline call (default: prior.batch_size, the compiled shape)")
     ap.add_argument("--compile-variants", default="full,regional", help="(d): full, regional")
     ap.add_argument("--train-steps", type=int, default=60, help="(d): steps per process")
     ap.add_argument("--warmup", type=int, default=20, help="(d): steps before the median")
