@@ -21,11 +21,12 @@ def test_sampler_evaluation_and_protocol_parts_print_a_table_naming_the_device(t
     table = capsys.readouterr().out
     r = json.loads((tmp_path / "out" / "bench_study.json").read_text())
     assert r["device"].startswith("CPU") and f"bench_study on {r['device']}" in table
-    a, b, c = r["a"], r["b"], r["c"]
+    a, (b,), c = r["a"], r["b"], r["c"]  # (b): one row per --eval-batches, the config's batch by default
     assert a["images"] == a["eval_images"] == 4 and a["prior_img_s"] > 0 and a["eval_img_s"] > 0
     assert a["precision"] == "fp32"  # a CPU samples in fp32
     assert b["sampler"] == "shared with (a)" and b["stage1_s"] > 0 and b["stage7_images"] > b["stage1_images"] > 0
-    assert (tmp_path / "out" / "eval_run" / "eval" / "state.json").is_file()  # the loop's evaluation really ran
+    assert b["batch"] == 8 and b["stage7_no_report_s"] > 0
+    assert (tmp_path / "out" / "eval_run_b8" / "eval" / "state.json").is_file()  # the loop's evaluation really ran
     assert c["images"] == 4 and c["projected_2100_s"] == pytest.approx(c["seconds"] / 4 * 2100, rel=0.05)  # (seconds is rounded)
     for row in ("(a) prior images", "(a) evaluation images", "(b) evaluation after stage 1", "(c) Table-1 protocol"):
         assert row in table
