@@ -50,6 +50,12 @@ def test_a_stage_trains_peft_s_b_on_its_frozen_slice_of_the_basis(tmp_path):
         a, b = factors(layer, "c0002")
         assert torch.equal(a, concept_slice(r.method.bases[name], 1, 5)) and not a.requires_grad and id(a) not in trained
         assert torch.equal(b, torch.zeros_like(b)) and b.requires_grad and id(b) in trained
+    # the optimizer's LoRA group holds exactly peft's lora_B.<adapter> parameters (and the token group the embeddings)
+    names = {id(p): n for n, p in r.ctx.pipe.unet.named_parameters()}
+    assert [g["name"] for g in stage.configure_optimizer().param_groups] == ["lora_unet", "token"]
+    (group,) = stage.groups
+    lora = [names[id(p)] for p in group[1]]
+    assert len(lora) == len(unet_targets(r.ctx.pipe.unet, "kv")) and all(n.endswith(".lora_B.c0002.weight") for n in lora), lora[:2]
     stage.end()
     r.method.unload(r.ctx)
     assert not any(isinstance(m, LoraLayer) for m in r.ctx.pipe.unet.modules())
