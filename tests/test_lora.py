@@ -10,7 +10,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from cns_lightning.methods.lora import (
-    ADAPTER_METADATA_KEY, LORA_FILE, activate, adapter_name, adapter_state, add_adapter, factors, kaiming_down, lora_config, lora_file,
+    ADAPTER_METADATA_KEY, LORA_FILE, activate, adapter_name, adapter_state, add_adapter, factors, lora_config, lora_file,
     merged_weight, remove_adapters, set_factors, text_targets, unet_targets,
 )
 from cns_lightning.models import build_random_pipeline

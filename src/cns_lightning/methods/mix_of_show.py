@@ -1,9 +1,9 @@
 """Mix-of-Show: Gu et al., "Mix-of-Show: Decentralized Low-Rank Adaptation for Multi-Concept
 Customization of Diffusion Models", NeurIPS 2023 (a baseline of Liao et al., ICCV 2025, Table 1).
 
-Each concept trains alone from the base model (``begin_stage`` resets the adapted weights): LoRA (peft adapters) on
-the text encoder's attention linears (lr ``lr_text``) and on every UNet attention linear, q/k/v/out
-of attn1 and attn2 (``lr_lora``), plus the concept's token. After stage m, gradient fusion
+Each concept trains alone from the base model (``begin_stage`` resets the adapted weights): LoRA
+(peft adapters) on the text encoder's attention linears (lr ``lr_text``) and on every UNet attention
+linear, q/k/v/out of attn1 and attn2 (``lr_lora``), plus the concept's token. After stage m, gradient fusion
 (:func:`gradient_fusion`) writes into every adapted layer the weight that best reproduces each
 concept's own LoRA outputs on the inputs that layer saw while sampling that concept's own model
 (the concept's prompts, ``fusion_prompts`` of them, ``fusion_steps`` sampler steps): per layer
@@ -129,15 +129,15 @@ class MixOfShow(LoRAMethod):
         """G_i per adapted layer, recorded on concept i's own model (base weights + its saved
         adapters, a peft adapter attached for the recording only; the adapted weights are left at W_0)."""
         tg = self.targets(ctx)
-        with torch.no_grad():
-            for p, lins in tg.items():
-                for n, lin in lins.items():
-                    lin.weight.copy_(self.base[p][n])
-                model, name = getattr(ctx.pipe, p), adapter_name(i)
-                add_adapter(model, list(lins), self.rank, name)
-                load_adapter(model, name, self.saved[i][p])
-                activate(model, [name])
         try:
+            with torch.no_grad():
+                for p, lins in tg.items():
+                    for n, lin in lins.items():
+                        lin.weight.copy_(self.base[p][n])
+                    model, name = getattr(ctx.pipe, p), adapter_name(i)
+                    add_adapter(model, list(lins), self.rank, name)
+                    load_adapter(model, name, self.saved[i][p])
+                    activate(model, [name])
             return self.record(ctx, i)
         finally:
             for p in tg:
