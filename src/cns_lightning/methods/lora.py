@@ -8,7 +8,11 @@ wrappers whose ``lora_A.<adapter>`` (down, r x in) and ``lora_B.<adapter>`` (up,
 in fp32. Several adapters can be active in one layer (C-LoRA's earlier concepts, frozen). Between
 stages no adapter is attached: each method writes its deltas into the weights (``merged_weight`` or
 its own fusion) in ``merge``, then :func:`remove_adapters` puts the original ``nn.Linear`` modules
-back, so the live model is a plain diffusers model again (evaluation, export).
+back, so the live model is a plain diffusers model again (evaluation, export). The sum is the
+project's fp32 ``merged_weight``, the one ``load`` rebuilds from the files, not peft's layer
+``merge``: the two are bit-identical on fp32 weights, while on bf16 weights peft adds each adapter
+in bf16 (3 rank-16 adapters on a 320 -> 768 linear, CPU: 38% of the entries differ, 2.8x the
+fp32 sum's error against an fp64 sum).
 
 A stage's adapter is saved with ``peft.get_peft_model_state_dict`` in the file and key layout
 diffusers' ``load_lora_weights`` reads (peft naming, as ``save_lora_weights`` packs it):
