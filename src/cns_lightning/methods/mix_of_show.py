@@ -1,9 +1,9 @@
 """Mix-of-Show: Gu et al., "Mix-of-Show: Decentralized Low-Rank Adaptation for Multi-Concept
 Customization of Diffusion Models", NeurIPS 2023 (a baseline of Liao et al., ICCV 2025, Table 1).
 
-Each concept trains alone from the base model (``begin_stage`` resets the adapted weights): LoRA on
-the text encoder's attention linears (lr ``lr_text``) and on every UNet attention linear, q/k/v/out
-of attn1 and attn2 (``lr_lora``), plus the concept's token. After stage m, gradient fusion
+Each concept trains alone from the base model (``begin_stage`` resets the adapted weights): LoRA
+(peft adapters) on the text encoder's attention linears (lr ``lr_text``) and on every UNet attention
+linear, q/k/v/out of attn1 and attn2 (``lr_lora``), plus the concept's token. After stage m, gradient fusion
 (:func:`gradient_fusion`) writes into every adapted layer the weight that best reproduces each
 concept's own LoRA outputs on the inputs that layer saw while sampling that concept's own model
 (the concept's prompts, ``fusion_prompts`` of them, ``fusion_steps`` sampler steps): per layer
@@ -25,7 +25,7 @@ from torch import nn
 
 from ..concepts import Concept
 from .base import Knob, RunContext, SavedStage, StageFiles
-from .lora import LoRA, LoRAMethod, delta_of, detach_all, rank_knob, text_targets, unet_targets, LAYER_CHOICES
+from .lora import LoRAMethod, activate, add_adapter, adapter_name, delta_of, load_adapter, rank_knob, remove_adapters, text_targets, unet_targets, LAYER_CHOICES
 
 PROMPTS_FILE = "fusion_prompts.json"
 
@@ -127,19 +127,21 @@ class MixOfShow(LoRAMethod):
 
     def concept_grams(self, ctx: RunContext, i: int) -> dict[str, dict[str, torch.Tensor]]:
         """G_i per adapted layer, recorded on concept i's own model (base weights + its saved
-        adapters, attached for the recording only; the adapted weights are left at W_0)."""
-        live = {}
-        with torch.no_grad():
-            for p, lins in self.targets(ctx).items():
-                live[p] = {}
-                for n, lin in lins.items():
-                    lin.weight.copy_(self.base[p][n])
-                    a, b = self.saved[i][p][n]
-                    live[p][n] = LoRA(a.clone(), b.clone()).attach(lin)
+        adapters, a peft adapter attached for the recording only; the adapted weights are left at W_0)."""
+        tg = self.targets(ctx)
         try:
+            with torch.no_grad():
+                for p, lins in tg.items():
+                    for n, lin in lins.items():
+                        lin.weight.copy_(self.base[p][n])
+                    model, name = getattr(ctx.pipe, p), adapter_name(i)
+                    add_adapter(model, list(lins), self.rank, name)
+                    load_adapter(model, name, self.saved[i][p])
+                    activate(model, [name])
             return self.record(ctx, i)
         finally:
-            detach_all({f"{p}.{n}": a for p, ads in live.items() for n, a in ads.items()})
+            for p in tg:
+                remove_adapters(getattr(ctx.pipe, p))
 
     def compose(self, ctx: RunContext, saved) -> None:
         """Gradient fusion of stages 1..len(saved): each new concept's Gram matrices recorded once
