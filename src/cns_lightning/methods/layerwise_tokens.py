@@ -171,6 +171,20 @@ class LayerwiseTokens:
         object.__setattr__(pipe, "encode_prompt", lambda *a, **k: self.encode_prompt(pipe, *a, **k))
         return self
 
+    @classmethod
+    def from_description(cls, description: dict, tokenizer) -> "LayerwiseTokens":
+        """The layer tokens that :meth:`describe` wrote (an export's ``cns_layerwise_tokens.json``),
+        on the ids of ``tokenizer`` (the exported one): ``.install(pipe)`` then makes a plain pipeline
+        loaded from the export the trained layer-wise model again."""
+        ids = {}
+        for c in description["concepts"]:
+            own, rows = tokenizer.convert_tokens_to_ids(c["token"]), tokenizer.convert_tokens_to_ids(c["layer_tokens"])
+            if own == tokenizer.unk_token_id or tokenizer.unk_token_id in rows:
+                raise ValueError(f"concept {c['name']!r}: its token {c['token']} or a layer token is not in the tokenizer; "
+                                 "load the tokenizer of the folder the description came from")
+            ids[own] = rows
+        return cls(ids, description["layers"], int(description["positions"]))
+
     def describe(self, concepts: Sequence[Any], tokenizer) -> dict:
         """What an export writes (``cns_layerwise_tokens.json``): per concept its layer tokens, in layer order."""
         return dict(

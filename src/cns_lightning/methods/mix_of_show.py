@@ -123,8 +123,11 @@ class MixOfShow(LoRAMethod):
         super().setup(ctx)
         self.prompts = []
         self._reset_sums()
-        lw.uninstall(ctx.pipe)
-        self.tokens = lw.add_layer_tokens(ctx.pipe, ctx.concepts, ctx.token_ids) if self.layerwise_tokens else None
+        if self.layerwise_tokens:
+            self.tokens = lw.add_layer_tokens(ctx.pipe, ctx.concepts, ctx.token_ids)  # installed on the pipeline
+        else:
+            lw.uninstall(ctx.pipe)
+            self.tokens = None
 
     # ------------------------------------------------------------ layer-wise tokens
     def layer_rows(self, ctx: RunContext, concept: Concept) -> list[int]:
