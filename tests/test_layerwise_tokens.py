@@ -18,7 +18,7 @@ from cns_lightning.export import LAYERWISE_JSON, export_pipeline
 from cns_lightning.generate import generate
 from cns_lightning.methods import layerwise_tokens as lw
 from cns_lightning.methods.mix_of_show import LAYERWISE_FILE, MixOfShow
-from cns_lightning.methods.base import TOKEN_FILE, RunContext
+from cns_lightning.methods.base import TOKEN_FILE, RunContext, StageFormatError
 from cns_lightning.models import build_random_pipeline
 from cns_lightning.restore import load_run
 from cns_lightning.sampling import Sampler
@@ -228,3 +228,41 @@ def test_a_mix_of_show_run_trains_saves_restores_resumes_generates_and_exports_i
     restored, _ = load_run(run, 1, tokens="learned")
     lw.LayerwiseTokens.from_description(description, plain.tokenizer).install(plain)  # the exact model again
     assert torch.equal(plain.encode_prompt(PROMPT, "cpu", 1, True)[0], restored.encode_prompt(PROMPT, "cpu", 1, True)[0])
+
+
+def test_a_run_folder_from_before_the_knob_restores_with_one_token_and_refuses_to_resume_layerwise(tmp_path):
+    from cns_lightning.continual import RunError
+    from cns_lightning.restore import CONFIG
+    from cns_lightning.run_folder import IDENTITY_FILE
+
+    dirs = [make_concept_folder(tmp_path / "data" / n, n=3, seed=k) for k, n in enumerate(("teddy", "mug"))]
+    base = [concepts_override(dirs), "method=mix_of_show", *FAST, "~logger", "calibration.num_prompts=4", "method.fusion_steps=2"]
+    continual.run(compose_cfg(tmp_path, [*base, "method.layerwise_tokens=false"]))
+    run = tmp_path / "run"
+    assert not any((p / LAYERWISE_FILE).exists() for p in (run / "stages").iterdir())
+    shutil.rmtree(sorted((run / "stages").iterdir())[-1])
+    with pytest.raises(RunError, match=r"method.layerwise_tokens differ"):  # the default (true) is another run
+        continual.run(compose_cfg(tmp_path, base))
+    # as a folder written before the knob: neither its config nor its identity names it
+    config = run / CONFIG
+    text = config.read_text()
+    assert "  layerwise_tokens: false\n" in text
+    config.write_text(text.replace("  layerwise_tokens: false\n", ""))
+    identity = json.loads((run / IDENTITY_FILE).read_text())
+    del identity["method"]["layerwise_tokens"]
+    (run / IDENTITY_FILE).write_text(json.dumps(identity))
+    pipe, _ = load_run(run)  # its own model: one token per concept
+    assert lw.installed(pipe) is None
+    with pytest.raises(RunError, match=r"method.layerwise_tokens differ"):  # the current default cannot continue it
+        continual.run(compose_cfg(tmp_path, base))
+    assert continual.run(compose_cfg(tmp_path, [*base, "method.layerwise_tokens=false"]))["status"] == "complete"
+    assert not any((p / LAYERWISE_FILE).exists() for p in (run / "stages").iterdir())
+    # a stage folder without the file, loaded layer-wise (e.g. by hand): the error names the fix
+    method = MixOfShow(layerwise_tokens=True)
+    stages = [read_stage(p) for p in sorted((run / "stages").iterdir())]
+    pipe = build_random_pipeline("tiny")
+    concepts = [Concept(name=s.info["concept"], token=s.info["token"], class_name=s.info["class_name"]) for s in stages]
+    ctx = RunContext(pipe=pipe, concepts=concepts, token_ids=add_concept_tokens(pipe.tokenizer, pipe.text_encoder, concepts))
+    method.setup(ctx)
+    with pytest.raises(StageFormatError, match=r"has no layerwise_tokens.safetensors: .*Resume or restore it with method.layerwise_tokens=false"):
+        method.load(ctx, stages)

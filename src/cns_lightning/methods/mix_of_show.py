@@ -95,7 +95,7 @@ class MixOfShow(LoRAMethod):
         Knob("fusion_prompts", "int", 1, example="4"),
         Knob("fusion_steps", "int", 1, example="25"),
         Knob("fusion_guidance", "float", 0.0, example="7.5"),
-        Knob("layerwise_tokens", "bool", added=True),
+        Knob("layerwise_tokens", "bool", added=True, before=False),  # folders made before it: one token per concept
     )
     resets_to_base = True
 
