@@ -72,6 +72,18 @@ def test_the_tiny_unet_has_its_cross_attention_layers_in_mix_of_shows_order(laye
     assert layered[0].tokenizer.convert_ids_to_tokens(rows) == ["<new1_p0>", "<new1_p1>", "<new1_p2>", "<new1_p3>"]
 
 
+def test_sd15_has_mix_of_shows_16_cross_attention_layers():
+    from diffusers import UNet2DConditionModel
+
+    from cns_lightning.models import PRESETS
+
+    with torch.device("meta"):  # the architecture only, no weights
+        unet = UNet2DConditionModel(**PRESETS["sd15"]["unet"])
+    names = [n for n, _ in lw.cross_attention_layers(unet)]
+    assert len(names) == 16 and names[5].startswith("down_blocks.2") and names[6].startswith("mid_block") and names[7].startswith("up_blocks.1")
+    assert lw.layer_token_names("<new1>", 16)[-1] == "<new1_p15>"
+
+
 def test_each_cross_attention_layer_reads_the_states_of_its_own_layer_token(layered):
     pipe, tokens, own, rows = layered
     ids = _ids(pipe, PROMPT)

@@ -15,9 +15,10 @@ the project's sampler, padding and prior-prompt cache), and :class:`LayerwiseAtt
 attn2 layer i hands its inner processor block i only. Mix-of-Show's own pipeline passes a
 (n, L, T, d) tensor instead, which diffusers' ``encode_prompt`` cannot take.
 
-The text encoder runs once per call of ``encode`` on a batch of every distinct prompt: a prompt
-holding concept tokens gives L rows (its layer prompts), one without gives one row, used at every
-layer (its L prompts are the same).
+The text encoder runs once per call of ``encode``, on one batch: L rows (its L layer prompts) for
+each prompt holding a concept token, one row for each other prompt (its L layer prompts are the
+same prompt; the row is used at every layer). On a GPU, splitting the batch so costs one host sync
+per call (the rows with a concept token are found on the device).
 
 :meth:`LayerwiseTokens.install` makes a pipeline layer-wise: the processors on its UNet, and
 ``pipe.encode_prompt`` replaced by :meth:`LayerwiseTokens.encode_prompt` (same signature and
@@ -106,8 +107,8 @@ class LayerwiseTokens:
         return out
 
     def encode(self, text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
-        """The layer-wise states (n, L*T, d) of ``input_ids`` (n, T): one text-encoder call on the
-        distinct prompts (L layer prompts of each prompt with a concept token, one of each other)."""
+        """The layer-wise states (n, L*T, d) of ``input_ids`` (n, T): one text-encoder call (the L
+        layer prompts of each prompt with a concept token, each other prompt once)."""
         n, t = input_ids.shape
         if t != self.length:
             raise ValueError(f"input ids of {t} positions; the layer-wise tokens were set up for {self.length} (the tokenizer's model_max_length)")
