@@ -55,7 +55,8 @@ def test_gradient_fusion_reproduces_each_concept_on_disjoint_inputs():
 
 def test_each_concept_trains_from_the_base_model_and_the_fusion_keeps_both(tmp_path):
     dirs = [make_concept_folder(tmp_path / "data" / n, n=3, seed=k) for k, n in enumerate(("teddy", "mug"))]
-    cfg = compose_cfg(tmp_path, [concepts_override(dirs), "method=mix_of_show", *FAST, "~logger", "calibration.num_prompts=4",
+    # one token per concept: the UNet is called with plain text states below (layer-wise tokens: test_layerwise_tokens.py)
+    cfg = compose_cfg(tmp_path, [concepts_override(dirs), "method=mix_of_show", "method.layerwise_tokens=false", *FAST, "~logger", "calibration.num_prompts=4",
                                  "method.lr_lora=1e-2", "method.lr_text=1e-2", "method.fusion_steps=3", "method.steps=6"])
     r = continual.check_inputs(cfg)
     continual.build(r)
