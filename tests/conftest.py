@@ -88,3 +88,25 @@ def compose_cfg(tmp_path: Path, overrides: list[str]):
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=[*overrides, f"paths.run_dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"])
+
+
+def unet_output(unet, seed: int = 0):
+    """The UNet's noise prediction (fp32) on fixed random latents, timesteps and text states."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    c = unet.config
+    x = torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g)
+    h = torch.randn(2, 7, c.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        out = unet(x.to(unet.device, unet.dtype), torch.tensor([10, 500], device=unet.device),
+                   encoder_hidden_states=h.to(unet.device, unet.dtype)).sample
+    return out.float().cpu()
+
+
+def text_output(text_encoder, ids):
+    """The text encoder's last hidden states (fp32) for token ids ``ids``."""
+    import torch
+
+    with torch.no_grad():
+        return text_encoder(ids.to(text_encoder.device))[0].float().cpu()

@@ -1,5 +1,7 @@
 """Run folders written by the release before ``methods/`` (tests/fixtures/runs_v0, made by 9dc1be9)
 still resume, restore, generate and export; folders this code cannot read fail naming the folder.
+LoRA folders written before the adapters were peft's (tests/fixtures/runs_v1, made by 82d2369)
+restore as that code restored them and resume as it trained.
 
 The fixtures hold 3 completed stages each. Resuming a copy with stage 3 deleted must rewrite stage 3
 as the old code wrote it in one go (its tensor files, to float32 rounding across CPUs; textual
@@ -110,3 +112,53 @@ def test_a_folder_of_a_newer_format_or_another_method_fails_naming_it(tmp_path):
     rewrite(format=99)  # the loop's resume refuses it too (it rewrites config.yaml from the command first)
     with pytest.raises(continual.RunError, match=r"02_cup_heart: stage format 99 is newer .*\(resuming .*run\)"):
         continual.run(compose_cfg(tmp_path, [*OVERRIDES, "method=cns"]))
+
+
+# ------------------------------------------------------------------ LoRA methods before peft
+V1 = FIXTURES / "runs_v1"  # written by the LoRA methods' own forward-hook adapters (82d2369), before peft
+LORA_METHODS = ["c_lora", "orthogonal_adaptation", "mix_of_show"]
+
+
+@pytest.mark.parametrize("method", LORA_METHODS)
+def test_a_lora_folder_of_the_hook_adapters_restores_as_that_code_restored_it(method):
+    """The fixture's ``restored_weights.safetensors``: every adapted weight after stage 3 as the
+    old code's ``load_run`` rebuilt it (the same float32 sum for C-LoRA / Orthogonal Adaptation;
+    Mix-of-Show's fusion records its Gram matrices through peft's layers now, to float32 rounding)."""
+    from cns_lightning.methods.lora import text_targets, unet_targets
+
+    run = V1 / method
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    pipe, learned = load_run(run)
+    assert [c.name for c in learned] == ["dog_patch", "cup_heart", "cat_tabby"]
+    want = load_file(run / "restored_weights.safetensors")
+    got = {f"unet.{n}": lin.weight for n, lin in unet_targets(pipe.unet, "attention" if method == "mix_of_show" else "kv").items()}
+    if method == "mix_of_show":
+        got |= {f"text_encoder.{n}": lin.weight for n, lin in text_targets(pipe.text_encoder).items()}
+    assert got.keys() == want.keys()
+    # bit-identical on the CPU that wrote the fixture; a last-bit rounding of B A elsewhere (1e-8 here
+    # against deltas of ~1e-5); Mix-of-Show's pseudo-inverse of the recorded Gram matrices amplifies it
+    tol = dict(rtol=1e-4, atol=1e-6) if method == "mix_of_show" else dict(rtol=1e-6, atol=1e-8)
+    for k, w in want.items():
+        torch.testing.assert_close(got[k], w, **tol, msg=f"{method}: {k} differs from the old code's restore")
+    assert not any("lora" in k for k in pipe.unet.state_dict())  # a plain model
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before, "the fixture was modified"
+
+
+@pytest.mark.parametrize("method", LORA_METHODS)
+def test_a_lora_folder_of_the_hook_adapters_resumes_as_that_code_trained(tmp_path, method):
+    run = tmp_path / "run"
+    shutil.copytree(V1 / method, run)
+    last = sorted((run / "stages").iterdir())[-1]
+    shutil.rmtree(last)  # interrupted before stage 3 was saved
+    # Mix-of-Show's folders predate layer-wise tokens: resumed with one token per concept, as written
+    # (the default, layerwise_tokens=true, is refused as a changed setting: test_layerwise_tokens.py)
+    extra = ["method.layerwise_tokens=false"] if method == "mix_of_show" else []
+    result = continual.run(compose_cfg(tmp_path, [*OVERRIDES, f"method={method}", *extra]))
+    assert result["status"] == "complete"
+    old = V1 / method / "stages" / last.name
+    for name in ("pytorch_lora_weights.safetensors", "token.safetensors"):
+        a, b = load_file(last / name), load_file(old / name)
+        assert a.keys() == b.keys(), f"{method}: {name} of stage 3 holds other tensors than the old code's"
+        for k in a:
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, f"{method}: {name}[{k}]"
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=f"{method}: {name}[{k}] of stage 3 differs from the old code's")

@@ -8,7 +8,7 @@ concepts on the tiny model, and:
   the live model after the loop's last merge step (``save_stage`` runs ``Method.merge``), bit-identical;
 * a run interrupted after stage 1 and resumed writes stage 2 bit-identical to an uninterrupted run;
 * ``export`` writes a folder plain ``StableDiffusionPipeline.from_pretrained`` loads, with the
-  restored (fused) weights;
+  restored (fused) weights under plain module names (no adapter layer left, no LoRA file);
 * a bad value of any knob the method declares, or a key it does not declare, fails before anything
   is written, naming the key.
 """
@@ -119,9 +119,13 @@ def test_export_loads_in_plain_diffusers(trained, tmp_path):
     out = export_pipeline(trained["run"].run_dir, tmp_path / "export")
     plain = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     restored, learned = load_run(trained["run"].run_dir, tokens="learned")
-    for (n, p), q in zip(plain.unet.named_parameters(), restored.unet.parameters()):
-        assert torch.equal(p, q), n
+    for part in ("unet", "text_encoder"):  # the fused weights, under plain diffusers / transformers names (no adapter left)
+        exported, fused = getattr(plain, part).state_dict(), getattr(restored, part).state_dict()
+        assert exported.keys() == fused.keys() and not any("lora" in k or "base_layer" in k for k in exported), part
+        for n, p in exported.items():
+            assert torch.equal(p, fused[n]), f"{part}.{n}"
     assert torch.equal(plain.text_encoder.get_input_embeddings().weight, restored.text_encoder.get_input_embeddings().weight)
+    assert not list(out.rglob("*lora*")), "the export is a plain pipeline folder, no LoRA file beside it"
     for c in learned:
         assert plain.tokenizer.convert_tokens_to_ids(c.token) == restored.tokenizer.convert_tokens_to_ids(c.token)
 

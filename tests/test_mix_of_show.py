@@ -1,15 +1,19 @@
 """Mix-of-Show (``methods/mix_of_show.py``): gradient fusion against a direct least-squares solve,
-each concept trained from the base model, the fused model reproducing each concept's LoRA outputs."""
+each concept trained from the base model (peft adapters on the UNet and the text encoder, whose
+saved files diffusers' loader turns back into that concept's model), the fused model reproducing
+each concept's LoRA outputs."""
 
 from __future__ import annotations
 
 import torch
+from peft.tuners.lora import LoraLayer
 
 from cns_lightning import continual
 from cns_lightning.methods.lora import text_targets, unet_targets
 from cns_lightning.methods.mix_of_show import PROMPTS_FILE, gradient_fusion
+from cns_lightning.restore import build_base
 from cns_lightning.state import read_stage
-from conftest import FAST, compose_cfg, concepts_override, make_concept_folder
+from conftest import FAST, compose_cfg, concepts_override, make_concept_folder, text_output, unet_output
 
 
 def _case(n_rows: int, seed: int = 0):
@@ -51,7 +55,8 @@ def test_gradient_fusion_reproduces_each_concept_on_disjoint_inputs():
 
 def test_each_concept_trains_from_the_base_model_and_the_fusion_keeps_both(tmp_path):
     dirs = [make_concept_folder(tmp_path / "data" / n, n=3, seed=k) for k, n in enumerate(("teddy", "mug"))]
-    cfg = compose_cfg(tmp_path, [concepts_override(dirs), "method=mix_of_show", *FAST, "~logger", "calibration.num_prompts=4",
+    # one token per concept: the UNet is called with plain text states below (layer-wise tokens: test_layerwise_tokens.py)
+    cfg = compose_cfg(tmp_path, [concepts_override(dirs), "method=mix_of_show", "method.layerwise_tokens=false", *FAST, "~logger", "calibration.num_prompts=4",
                                  "method.lr_lora=1e-2", "method.lr_text=1e-2", "method.fusion_steps=3", "method.steps=6"])
     r = continual.check_inputs(cfg)
     continual.build(r)
@@ -60,13 +65,27 @@ def test_each_concept_trains_from_the_base_model_and_the_fusion_keeps_both(tmp_p
     lins = {**{f"unet.{n}": m for n, m in unet_targets(r.ctx.pipe.unet, "attention").items()},
             **{f"text_encoder.{n}": m for n, m in text_targets(r.ctx.pipe.text_encoder).items()}}
     w0 = {n: m.weight.detach().clone() for n, m in lins.items()}
+    ids = build_base(cfg).tokenizer(["a photo of a mug"], padding="max_length", max_length=16, return_tensors="pt").input_ids  # no new token
+    own = []  # each concept's own adapted model: (UNet output, text encoder output) at the end of its training
     for m in range(2):
         stage = r.method.begin_stage(r.ctx, m, r.concepts[m])
         assert all(torch.equal(lin.weight, w0[n]) for n, lin in lins.items()), f"stage {m + 1} does not start from the base model"
-        info = continual.save_stage(r, m, continual.fit_stage(r, m, stage, []), 0.0)
+        layers = dict(r.ctx.pipe.unet.named_modules()) | dict(r.ctx.pipe.text_encoder.named_modules())
+        assert all(isinstance(layers[k.split(".", 1)[1]], LoraLayer) for k in lins)  # peft's layers, UNet and text encoder
+        steps = continual.fit_stage(r, m, stage, [])
+        own.append((unet_output(r.ctx.pipe.unet), text_output(r.ctx.pipe.text_encoder, ids)))
+        info = continual.save_stage(r, m, steps, 0.0)
         assert info["merge_seconds"] > 0
+        assert not any(isinstance(x, LoraLayer) for x in [*r.ctx.pipe.unet.modules(), *r.ctx.pipe.text_encoder.modules()])
     stages = [read_stage(p) for p in sorted((tmp_path / "run" / "stages").iterdir())]
     assert all(s.json[PROMPTS_FILE]["prompts"] for s in stages)
+    # diffusers' own loader, one stage's file on the base model: that concept's own model (UNet and text encoder)
+    for s, (unet_out, text_out) in zip(stages, own):
+        base = build_base(cfg)
+        assert not torch.allclose(unet_output(base.unet), unet_out, atol=1e-3) and not torch.allclose(text_output(base.text_encoder, ids), text_out, atol=1e-3)
+        base.load_lora_weights(s.folder)
+        assert torch.allclose(unet_output(base.unet), unet_out, atol=1e-5)
+        assert torch.allclose(text_output(base.text_encoder, ids), text_out, atol=1e-5)
     # the fused weight is the best single weight for every concept's own layer outputs on the inputs
     # its model saw: its summed error is at most that of W_0 or of any one concept's own weight
     fused_weights = {key: lin.weight.detach().double().clone() for key, lin in lins.items()}

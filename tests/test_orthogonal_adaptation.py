@@ -1,6 +1,7 @@
 """Orthogonal Adaptation (``methods/orthogonal_adaptation.py``): disjoint slices of one random
-orthogonal basis per layer, so two concepts' down-projections are orthogonal; merge = sum; a basis
-too small for the sequence fails before anything trains."""
+orthogonal basis per layer, so two concepts' down-projections are orthogonal (peft's ``lora_A``,
+frozen); merge = sum, which diffusers' loader given both stages' LoRA files reproduces; a basis too
+small for the sequence fails before anything trains."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import pytest
 import torch
 
 from cns_lightning import continual
-from cns_lightning.methods.lora import LORA_FILE, unet_targets
+from peft.tuners.lora import LoraLayer
+
+from cns_lightning.methods.lora import LORA_FILE, factors, unet_targets
 from cns_lightning.methods.orthogonal_adaptation import concept_slice, orthogonal_basis
 from cns_lightning.preflight import ConfigValueError
 from cns_lightning.restore import build_base
 from cns_lightning.state import read_stage
-from conftest import FAST, compose_cfg, concepts_override, make_concept_folder
+from conftest import FAST, compose_cfg, concepts_override, make_concept_folder, unet_output
 
 
 def test_the_basis_is_orthogonal_and_slices_are_disjoint():
@@ -24,14 +27,43 @@ def test_the_basis_is_orthogonal_and_slices_are_disjoint():
     assert torch.equal(orthogonal_basis(12, torch.Generator().manual_seed(3)), q)  # reproducible from the seed
 
 
-def _run(tmp_path, extra=()):
+def _cfg(tmp_path, extra=()):
     dirs = [make_concept_folder(tmp_path / "data" / n, n=3, seed=k) for k, n in enumerate(("teddy", "mug"))]
-    cfg = compose_cfg(tmp_path, [concepts_override(dirs), "method=orthogonal_adaptation", *FAST, "~logger", "calibration.num_prompts=4", *extra])
+    return compose_cfg(tmp_path, [concepts_override(dirs), "method=orthogonal_adaptation", *FAST, "~logger", "calibration.num_prompts=4", *extra])
+
+
+def _run(tmp_path, extra=()):
+    cfg = _cfg(tmp_path, extra)
     return cfg, continual.run(cfg)
 
 
+def test_a_stage_trains_peft_s_b_on_its_frozen_slice_of_the_basis(tmp_path):
+    r = continual.check_inputs(_cfg(tmp_path))
+    continual.build(r)
+    continual.restore(r)
+    stage = r.method.begin_stage(r.ctx, 1, r.concepts[1])
+    modules = dict(r.ctx.pipe.unet.named_modules())
+    trained = {id(p) for p, _ in stage.trainable()}
+    for name in unet_targets(r.ctx.pipe.unet, "kv"):
+        layer = modules[name]
+        assert isinstance(layer, LoraLayer) and layer.active_adapters == ["c0002"], name
+        a, b = factors(layer, "c0002")
+        assert torch.equal(a, concept_slice(r.method.bases[name], 1, 5)) and not a.requires_grad and id(a) not in trained
+        assert torch.equal(b, torch.zeros_like(b)) and b.requires_grad and id(b) in trained
+    # the optimizer's LoRA group holds exactly peft's lora_B.<adapter> parameters (and the token group the embeddings)
+    names = {id(p): n for n, p in r.ctx.pipe.unet.named_parameters()}
+    assert [g["name"] for g in stage.configure_optimizer().param_groups] == ["lora_unet", "token"]
+    (group,) = stage.groups
+    lora = [names[id(p)] for p in group[1]]
+    assert len(lora) == len(unet_targets(r.ctx.pipe.unet, "kv")) and all(n.endswith(".lora_B.c0002.weight") for n in lora), lora[:2]
+    stage.end()
+    r.method.unload(r.ctx)
+    assert not any(isinstance(m, LoraLayer) for m in r.ctx.pipe.unet.modules())
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # diffusers' loader, given a second adapter
 def test_two_concepts_get_orthogonal_down_projections_and_the_merge_sums_them(tmp_path):
-    cfg, result = _run(tmp_path)
+    cfg, result = _run(tmp_path, ["method.lr_lora=1e-2"])  # B moves far enough in 4 steps to tell the models apart
     assert result["status"] == "complete"
     stages = [read_stage(p) for p in sorted((tmp_path / "run" / "stages").iterdir())]
     files = [s.tensors[LORA_FILE] for s in stages]
@@ -53,6 +85,17 @@ def test_two_concepts_get_orthogonal_down_projections_and_the_merge_sums_them(tm
         d = sum(f[f"unet.{name}.lora_B.weight"] @ f[f"unet.{name}.lora_A.weight"] for f in files)
         assert torch.allclose(lin.weight, w0 + d, atol=1e-6), name
         assert d.abs().sum() > 0
+    # diffusers' own loader, both stages' files fused into the base model: the same model
+    merged = unet_output(pipe.unet)
+    assert not torch.allclose(unet_output(base.unet), merged, atol=1e-3)
+    for k, s in enumerate(stages):
+        base.load_lora_weights(s.folder, adapter_name=f"concept{k + 1}")
+    base.set_adapters(["concept1", "concept2"])
+    assert torch.allclose(unet_output(base.unet), merged, atol=1e-5)
+    base.fuse_lora(adapter_names=["concept1", "concept2"])
+    base.unload_lora_weights()
+    for name, lin in unet_targets(pipe.unet, "kv").items():
+        assert torch.allclose(dict(base.unet.named_modules())[name].weight, lin.weight, atol=1e-6), name
 
 
 def test_a_basis_too_small_for_the_sequence_fails_before_training_and_says_what_fits(tmp_path):

@@ -7,6 +7,12 @@ by then: K/V weights written in, the concept tokens in the tokenizer and their r
 encoder's (resized) embeddings, plus a ``README.md`` model card listing the tokens. It loads with
 plain ``StableDiffusionPipeline.from_pretrained(OUT_DIR)``; no project code is needed.
 
+A run with layer-wise tokens (Mix-of-Show's ED-LoRA, ``method.layerwise_tokens``) cannot be held
+exactly by a plain pipeline, which feeds every cross-attention layer the same text states: its
+export also writes ``cns_layerwise_tokens.json`` (each concept's layer tokens, in the tokenizer and
+text encoder, in layer order), each concept token's row is the mean of its layer rows (what a plain
+pipeline uses), and the model card and the command's console line say that this is an approximation.
+
 The export is atomic: it is written to a hidden folder beside OUT_DIR and renamed at the end, so
 OUT_DIR is either absent, untouched, or complete. A non-empty OUT_DIR is refused unless
 ``overwrite=True``.
@@ -22,9 +28,20 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, atomic_folder
 from .concepts import Concept, ConceptError
+from .methods.layerwise_tokens import installed
 from .restore import CONFIG, RestoreError, check_stage, guidance_default, load_run, read_run
 
 CARD = "README.md"
+LAYERWISE_JSON = "cns_layerwise_tokens.json"
+LAYERWISE_NOTE = (
+    "This run trained layer-wise token embeddings (ED-LoRA: one embedding of each concept token per UNet "
+    "cross-attention layer). A plain StableDiffusionPipeline feeds every layer the same text states, so in this "
+    "folder each concept token holds the mean of its layer embeddings: an approximation of the trained model, not "
+    "the model itself. The layer tokens are in the tokenizer and text encoder, listed per concept in layer order "
+    f"in {LAYERWISE_JSON}. The trained model: `python -m cns_lightning.generate RUN_DIR`, or this folder's pipeline "
+    "made layer-wise: `LayerwiseTokens.from_description(json.load(open(...)), pipe.tokenizer).install(pipe)` "
+    "(cns_lightning.methods.layerwise_tokens)."
+)
 
 
 class ExportError(ValueError):
@@ -47,13 +64,14 @@ def method_line(cfg) -> str:
     return METHOD_LINES.get(name, f"Each concept was learned by method `{name}`.")
 
 
-def model_card(run_dir: Path, stage: int, total: int, concepts: list[Concept], cfg) -> str:
-    """The README.md of an exported folder: where it came from and the tokens it knows."""
+def model_card(run_dir: Path, stage: int, total: int, concepts: list[Concept], cfg, note: str = "") -> str:
+    """The README.md of an exported folder: where it came from and the tokens it knows (and ``note``, a caveat)."""
     method = cfg.get("method", {}).get("name", "?")
     model = cfg.model.get("name") or cfg.model.get("_target_", "?")
     rows = "\n".join(f"| {i + 1} | `{c.token}` | {c.name} | {c.class_name} | {c.category} |" for i, c in enumerate(concepts))
     both = " and ".join(f"a {c.token} {c.class_name}" for c in concepts[:2])
     guidance = guidance_default(cfg)
+    caveat = f"\n**Note.** {note}\n" if note else ""
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -77,7 +95,7 @@ merge, where it has one), so any subset can be combined in one prompt.
 {rows}
 
 Write a token before its class noun, e.g. `{both}`.
-
+{caveat}
 ## Use
 
 ```python
@@ -140,15 +158,19 @@ def export_pipeline(run_dir: str | Path, out_dir: str | Path, stage: int | None 
     stage = check_stage(info, stage)  # errors before any work
     _refuse_target(out_dir, run_dir, overwrite)
     pipe, learned = load_run(run_dir, stage, device=device, tokens="learned")
+    layerwise = installed(pipe)
 
     with atomic_folder(out_dir) as tmp:  # checked above: out_dir absent, empty, or non-empty with overwrite=True
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_legacy_vocab(tmp / "tokenizer")
-        (tmp / CARD).write_text(model_card(run_dir.resolve(), stage, len(info.concepts), learned, info.cfg), encoding="utf-8")
+        note = LAYERWISE_NOTE if layerwise is not None else ""
+        (tmp / CARD).write_text(model_card(run_dir.resolve(), stage, len(info.concepts), learned, info.cfg, note), encoding="utf-8")
+        if layerwise is not None:
+            (tmp / LAYERWISE_JSON).write_text(json.dumps(layerwise.describe(learned, pipe.tokenizer), indent=2) + "\n", encoding="utf-8")
         (tmp / "cns_concepts.json").write_text(
             json.dumps(
                 dict(
-                    run_dir=str(run_dir.resolve()), stage=stage, total_stages=len(info.concepts),
+                    run_dir=str(run_dir.resolve()), stage=stage, total_stages=len(info.concepts), layerwise_tokens=layerwise is not None,
                     concepts=[dict(stage=i + 1, name=c.name, token=c.token, class_name=c.class_name, category=c.category) for i, c in enumerate(learned)],
                 ),
                 indent=2,
@@ -176,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     except (RestoreError, ExportError, CheckpointError, ConceptError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"[cns] exported {args.run_dir} to {out}", file=sys.stderr)
+    if (out / LAYERWISE_JSON).is_file():
+        print(f"[cns] note: {LAYERWISE_NOTE}", file=sys.stderr)
 
 
 if __name__ == "__main__":

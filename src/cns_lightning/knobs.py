@@ -25,7 +25,8 @@ class Knob:
     that change only speed or memory (never compared on resume). ``resumable``: may differ on resume
     with ``+resume_with_changes=true`` (for the stages not yet done; e.g. a lower learning rate after
     a NaN stop). ``added``: introduced after run folders existed, so a folder made without it still
-    resumes, its remaining stages using the current value.
+    resumes, its remaining stages using the current value; with ``before`` (the value such a folder
+    ran with), only if the current value is ``before``.
     """
 
     key: str
@@ -37,6 +38,7 @@ class Knob:
     resumable: bool = False
     added: bool = False
     example: str | None = None
+    before: object = None
 
     def under(self, prefix: str) -> "Knob":
         return Knob(**{**self.__dict__, "key": f"{prefix}{self.key}"})

@@ -123,13 +123,21 @@ class ContinualModule(L.LightningModule):
         ids = batch["prior_input_ids"]
         key = batch.get("prior_text_key")
         if key is None:
-            return self.text_encoder(ids)[0]
+            return self._text_states(ids)
         cached = self._text_cache.get(key)
         if cached is None:
             with torch.no_grad():
-                cached = self.text_encoder(ids[:1])[0].detach()
+                cached = self._text_states(ids[:1]).detach()
             self._text_cache[key] = cached
         return cached.expand(ids.shape[0], *cached.shape[1:])
+
+    def _text_states(self, ids: torch.Tensor, text_encoder=None) -> torch.Tensor:
+        """The UNet's cross-attention states of ``ids``: the stage's ``text_states(text_encoder, ids)``
+        where it has one (layer-wise tokens, ``methods.layerwise_tokens``), else the text encoder's
+        last hidden states."""
+        text_encoder = self.text_encoder if text_encoder is None else text_encoder
+        states = getattr(self.stage, "text_states", None)
+        return text_encoder(ids)[0] if states is None else states(text_encoder, ids)
 
     @staticmethod
     def _host_random(shape, dtype: torch.dtype, device: torch.device, fill) -> torch.Tensor:
@@ -153,7 +161,7 @@ class ContinualModule(L.LightningModule):
         self._poll_pending()
         has_prior = "prior_input_ids" in batch
         latents = self._latents(batch, "instance")
-        cond = self._fast.get("text_encoder", self.text_encoder)(batch["instance_input_ids"])[0]
+        cond = self._text_states(batch["instance_input_ids"], self._fast.get("text_encoder", self.text_encoder))
         if has_prior:
             latents = torch.cat([latents, self._latents(batch, "prior")])
             cond = torch.cat([cond, self._prior_condition(batch).to(cond.dtype)])

@@ -3,7 +3,8 @@
 Rerunning a command resumes its run folder only if the folder was made with the same settings.
 What counts comes from the knob declarations (``knobs.knobs_of``): the groups of
 ``IDENTITY_GROUPS`` less the knobs declared ``identity=False`` (speed or memory only); knobs
-declared ``added`` may be missing from an older folder; knobs declared ``resumable`` may change
+declared ``added`` may be missing from an older folder (if declared with ``before``, only while
+the run keeps that value); knobs declared ``resumable`` may change
 with ``+resume_with_changes=true``. A ``data.concepts`` that starts with the folder's concepts
 (same order, same entries) and adds more extends the run (:func:`concept_extension`); any other
 change of the concepts is refused, naming the first difference. Folders of the release before ``methods/`` (no
@@ -51,7 +52,7 @@ def differences(old: dict, new: dict, cfg: DictConfig) -> list[str]:
     for k in sorted(set(a) | set(b)):
         if a.get(k) == b.get(k) or (k in knobs and not knobs[k].identity):
             continue
-        if k not in a and (k in knobs and knobs[k].added or (legacy and k == "method._target_")):
+        if k not in a and (k in knobs and knobs[k].added and knobs[k].before in (None, b.get(k)) or (legacy and k == "method._target_")):
             continue
         if legacy and k.startswith("method.") and k not in b:
             continue

@@ -7,8 +7,9 @@ optionally ``torch.compile``d, whole (``compile``) or only its repeated transfor
 once and reused by every block, so the compile takes seconds rather than minutes). The copy is
 built once per process and refreshed in place from the live weights before each use (``bind``),
 so evaluation after every stage reuses the compiled graphs of the prior images and of the previous
-stages. Text is encoded by the live pipeline's text encoder (the learned tokens) in its own
-precision, then cast to the sampler's. Images are uint8 tensors (n, H, W, 3) on the CPU
+stages; it runs the live UNet's attention processors (``share_processors``: a method's own, such
+as layer-wise tokens'). Text is encoded by the live pipeline's ``encode_prompt`` (the learned
+tokens; a layer-wise pipeline's own) in the text encoder's precision, then cast to the sampler's. Images are uint8 tensors (n, H, W, 3) on the CPU
 (``prior.sample_images``); each image has its own generator, so an image does not depend on the
 batch it is in, on padding, or on how many ranks share the work.
 """
@@ -70,6 +71,7 @@ class Sampler:
             return self
         if self._copy is None or self._pipe is not pipe:
             self._copy = sampling_pipeline(pipe, precision)
+            share_processors(self._copy.unet, pipe.unet)
             if compiled:
                 if self.regional:
                     self._copy.unet.compile_repeated_blocks(fullgraph=True, dynamic=False)
@@ -79,6 +81,7 @@ class Sampler:
             self._pipe = pipe
         else:
             refresh_weights(self._copy.unet, pipe.unet)
+            share_processors(self._copy.unet, pipe.unet)
         return self
 
     @property
@@ -122,6 +125,18 @@ class Sampler:
             images = sample_images(self.pipeline, cond, uncond, generators, num_inference_steps, guidance_scale, resolution,
                                    decode_batch=DECODE_BATCH, pad=compiled)
         return images[:n]
+
+
+def share_processors(copy, live) -> None:
+    """Give ``copy`` (a UNet built from ``live``'s config) ``live``'s attention processors, where
+    they differ: a method's own routing (``methods.layerwise_tokens``: each cross-attention layer
+    its own text states) must sample in the copy as in the live model. A compiled copy recompiles
+    once after a change."""
+    mine, theirs = copy.attn_processors, live.attn_processors
+    if mine.keys() != theirs.keys():
+        raise ValueError("the sampling copy's attention layers are not the live UNet's; rebuild the sampler (release, then bind)")
+    if any(mine[k] is not theirs[k] for k in theirs):
+        copy.set_attn_processor(dict(theirs))
 
 
 def refresh_weights(copy: torch.nn.Module, live: torch.nn.Module) -> None:

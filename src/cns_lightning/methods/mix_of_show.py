@@ -1,9 +1,9 @@
 """Mix-of-Show: Gu et al., "Mix-of-Show: Decentralized Low-Rank Adaptation for Multi-Concept
 Customization of Diffusion Models", NeurIPS 2023 (a baseline of Liao et al., ICCV 2025, Table 1).
 
-Each concept trains alone from the base model (``begin_stage`` resets the adapted weights): LoRA on
-the text encoder's attention linears (lr ``lr_text``) and on every UNet attention linear, q/k/v/out
-of attn1 and attn2 (``lr_lora``), plus the concept's token. After stage m, gradient fusion
+Each concept trains alone from the base model (``begin_stage`` resets the adapted weights): LoRA
+(peft adapters) on the text encoder's attention linears (lr ``lr_text``) and on every UNet attention
+linear, q/k/v/out of attn1 and attn2 (``lr_lora``), plus the concept's token. After stage m, gradient fusion
 (:func:`gradient_fusion`) writes into every adapted layer the weight that best reproduces each
 concept's own LoRA outputs on the inputs that layer saw while sampling that concept's own model
 (the concept's prompts, ``fusion_prompts`` of them, ``fusion_steps`` sampler steps): per layer
@@ -12,22 +12,42 @@ activations; here each layer keeps only the running sums of X_i^T X_i and ΔW_i 
 concepts so far (exact for this objective: two matrices per layer, whatever the number of concepts)
 and the solution is the closed form, the minimiser nearest W_0.
 
-Differs from ED-LoRA: one token embedding per concept (the project's), not one per UNet layer.
+Tokens (``layerwise_tokens``, default true, as ED-LoRA): each concept's token has one embedding
+per UNet cross-attention layer (``methods/layerwise_tokens.py``: ``<new1_p0>`` .. ``<new1_p{L-1}>``,
+L = 16 on SD-1.5, each layer's ``attn2`` fed the text states of the prompt with its own token);
+they train with lr ``lr_token``; the concept's own row ``<new1>`` does not reach the UNet and holds
+the mean of its layer rows (written at the end of each stage). A stage keeps ``token.safetensors``
+(that mean) and ``layerwise_tokens.safetensors`` (the L rows, fp32, with the layer names). The
+pipeline is made layer-wise in ``setup`` (``LayerwiseTokens.install``), so the loop's training
+step (the stage's ``text_states``), the sampler (prior images, evaluation), gradient fusion's
+recording and ``generate`` / ``restore`` all use the layer-wise states. ``layerwise_tokens=false``:
+one embedding per concept, the project's (the folders of runs made before the knob).
+
+Export (``cns_lightning.export``): a plain ``StableDiffusionPipeline`` feeds every layer the same
+states, so it cannot hold the trained model exactly. The export holds the fused weights, the layer
+tokens in the tokenizer and text encoder, and ``<new1>`` = the mean of its layer rows (what a plain
+pipeline then uses at every layer: an approximation); ``cns_layerwise_tokens.json`` lists each
+concept's layer tokens in layer order and the model card says so. The exact model:
+``python -m cns_lightning.generate RUN_DIR`` (or ``LayerwiseTokens(...).install(pipe)``).
 
 Knobs (``conf/method/mix_of_show.yaml``), defaults from TencentARC/Mix-of-Show's ED-LoRA configs
-(Apache-2.0): rank 4, UNet lr 1e-4, text-encoder lr 1e-5, embedding lr 1e-3.
+(Apache-2.0): rank 4, UNet lr 1e-4, text-encoder lr 1e-5, embedding lr 1e-3, layer-wise tokens.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
 
 from ..concepts import Concept
-from .base import Knob, RunContext, SavedStage, StageFiles
-from .lora import LoRA, LoRAMethod, delta_of, detach_all, rank_knob, text_targets, unet_targets, LAYER_CHOICES
+from . import layerwise_tokens as lw
+from .base import Knob, RunContext, SavedStage, StageFiles, StageFormatError
+from .lora import LoRAMethod, activate, add_adapter, adapter_name, delta_of, load_adapter, rank_knob, remove_adapters, text_targets, unet_targets, LAYER_CHOICES
 
 PROMPTS_FILE = "fusion_prompts.json"
+LAYERWISE_FILE = "layerwise_tokens.safetensors"  # a concept's layer-wise token rows (L x d, fp32)
 
 
 def gradient_fusion(base: torch.Tensor, deltas: list[torch.Tensor], grams: list[torch.Tensor], rcond: float = 1e-10) -> torch.Tensor:
@@ -75,13 +95,18 @@ class MixOfShow(LoRAMethod):
         Knob("fusion_prompts", "int", 1, example="4"),
         Knob("fusion_steps", "int", 1, example="25"),
         Knob("fusion_guidance", "float", 0.0, example="7.5"),
+        Knob("layerwise_tokens", "bool", added=True, before=False),  # folders made before it: one token per concept
     )
     resets_to_base = True
 
     def __init__(self, name: str = "mix_of_show", rank: int = 4, lr_lora: float = 1e-4, lr_text: float = 1e-5, layers: str = "attention",
-                 fusion_prompts: int = 4, fusion_steps: int = 25, fusion_guidance: float = 7.5, **shared):
+                 fusion_prompts: int = 4, fusion_steps: int = 25, fusion_guidance: float = 7.5, layerwise_tokens: bool = False, **shared):
+        # layerwise_tokens: the config's default is true (conf/method/mix_of_show.yaml); false here
+        # is what a run folder written before the knob trained (one token per concept)
         super().__init__(name, rank=rank, lr_lora=lr_lora, layers=layers, **shared)
         self.lr_text = float(lr_text)
+        self.layerwise_tokens = bool(layerwise_tokens)
+        self.tokens: lw.LayerwiseTokens | None = None
         self.fusion_prompts, self.fusion_steps, self.fusion_guidance = int(fusion_prompts), int(fusion_steps), float(fusion_guidance)
         self.prompts: list[list[str]] = []
         self._reset_sums()
@@ -98,6 +123,53 @@ class MixOfShow(LoRAMethod):
         super().setup(ctx)
         self.prompts = []
         self._reset_sums()
+        if self.layerwise_tokens:
+            self.tokens = lw.add_layer_tokens(ctx.pipe, ctx.concepts, ctx.token_ids)  # installed on the pipeline
+        else:
+            lw.uninstall(ctx.pipe)
+            self.tokens = None
+
+    # ------------------------------------------------------------ layer-wise tokens
+    def layer_rows(self, ctx: RunContext, concept: Concept) -> list[int]:
+        return self.tokens.layer_ids[ctx.token_ids[concept.name]] if self.tokens is not None else []
+
+    def begin_stage(self, ctx: RunContext, m: int, concept: Concept):
+        stage = super().begin_stage(ctx, m, concept)
+        if self.tokens is None:
+            return stage
+        with torch.no_grad():  # each concept's layer tokens start again from its token's row
+            ctx.embeddings[self.layer_rows(ctx, concept)] = ctx.embeddings[ctx.token_ids[concept.name]].clone()
+        stage = dataclasses.replace(stage, token_ids=[*stage.token_ids, *self.layer_rows(ctx, concept)])
+        stage.text_states = self.tokens.encode  # the module encodes the stage's prompts layer-wise
+        return stage
+
+    def live_tensors(self, ctx: RunContext) -> list[torch.Tensor]:
+        rows = [i for c in ctx.concepts for i in self.layer_rows(ctx, c)]
+        return [*super().live_tensors(ctx), *([ctx.embeddings[rows]] if rows else [])]
+
+    def layerwise_file(self, ctx: RunContext, concept: Concept) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        rows = ctx.embeddings[self.layer_rows(ctx, concept)].detach().float().cpu().clone()
+        names = ctx.pipe.tokenizer.convert_ids_to_tokens(self.layer_rows(ctx, concept))
+        return {"embeddings": rows}, lw.metadata(self.tokens, names)
+
+    def set_layer_rows(self, ctx: RunContext, stages: list[SavedStage]) -> None:
+        """Write each saved stage's layer-wise rows into the text encoder's embeddings."""
+        emb = ctx.embeddings
+        for s, concept in zip(stages, ctx.concepts):
+            if LAYERWISE_FILE not in s.tensors:
+                raise StageFormatError(
+                    f"{s.folder}: has no {LAYERWISE_FILE}: its concept was trained with one token embedding (method.layerwise_tokens=false, "
+                    "or before the knob existed). Resume or restore it with method.layerwise_tokens=false."
+                )
+            rows = s.tensors[LAYERWISE_FILE]["embeddings"]
+            want = (self.tokens.count, emb.shape[1])
+            if tuple(rows.shape) != want:
+                raise StageFormatError(
+                    f"{s.folder}/{LAYERWISE_FILE}: rows of shape {tuple(rows.shape)}, but the model has {want[0]} cross-attention layers of "
+                    f"{want[1]} text features. Restore with the run's original model."
+                )
+            with torch.no_grad():
+                emb[self.layer_rows(ctx, concept)] = rows.to(emb.device, emb.dtype)
 
     def _reset_sums(self) -> None:
         # Running sums of gradient fusion per layer, (sum_i ΔW_i G_i, sum_i G_i) over concepts
@@ -106,7 +178,14 @@ class MixOfShow(LoRAMethod):
         self.fused = 0
 
     def end_stage(self, ctx: RunContext, m: int, concept: Concept) -> StageFiles:
+        if self.tokens is not None:  # the concept's own row: the mean of its layer rows (what a plain pipeline uses)
+            with torch.no_grad():
+                emb = ctx.embeddings
+                emb[ctx.token_ids[concept.name]] = emb[self.layer_rows(ctx, concept)].float().mean(0).to(emb.dtype)
         files = super().end_stage(ctx, m, concept)
+        if self.tokens is not None:
+            files.tensors[LAYERWISE_FILE] = self.layerwise_file(ctx, concept)
+            files.info["layerwise_tokens"] = self.tokens.count
         self.prompts = self.prompts[:m] + [list(concept.captions(ctx.cache_dir))[: self.fusion_prompts]]
         files.json[PROMPTS_FILE] = {"prompts": self.prompts[m]}
         return files
@@ -127,19 +206,21 @@ class MixOfShow(LoRAMethod):
 
     def concept_grams(self, ctx: RunContext, i: int) -> dict[str, dict[str, torch.Tensor]]:
         """G_i per adapted layer, recorded on concept i's own model (base weights + its saved
-        adapters, attached for the recording only; the adapted weights are left at W_0)."""
-        live = {}
-        with torch.no_grad():
-            for p, lins in self.targets(ctx).items():
-                live[p] = {}
-                for n, lin in lins.items():
-                    lin.weight.copy_(self.base[p][n])
-                    a, b = self.saved[i][p][n]
-                    live[p][n] = LoRA(a.clone(), b.clone()).attach(lin)
+        adapters, a peft adapter attached for the recording only; the adapted weights are left at W_0)."""
+        tg = self.targets(ctx)
         try:
+            with torch.no_grad():
+                for p, lins in tg.items():
+                    for n, lin in lins.items():
+                        lin.weight.copy_(self.base[p][n])
+                    model, name = getattr(ctx.pipe, p), adapter_name(i)
+                    add_adapter(model, list(lins), self.rank, name)
+                    load_adapter(model, name, self.saved[i][p])
+                    activate(model, [name])
             return self.record(ctx, i)
         finally:
-            detach_all({f"{p}.{n}": a for p, ads in live.items() for n, a in ads.items()})
+            for p in tg:
+                remove_adapters(getattr(ctx.pipe, p))
 
     def compose(self, ctx: RunContext, saved) -> None:
         """Gradient fusion of stages 1..len(saved): each new concept's Gram matrices recorded once
@@ -165,4 +246,6 @@ class MixOfShow(LoRAMethod):
     def load(self, ctx: RunContext, stages: list[SavedStage]) -> None:
         self.prompts = [list(s.json.get(PROMPTS_FILE, {}).get("prompts", [])) for s in stages]
         self._reset_sums()
+        if self.tokens is not None:  # before the fusion: its recording samples each concept's prompts layer-wise
+            self.set_layer_rows(ctx, stages)
         super().load(ctx, stages)

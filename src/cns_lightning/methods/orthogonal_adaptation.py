@@ -3,7 +3,8 @@ Models", CVPR 2024 (a baseline of Liao et al., ICCV 2025, Table 1).
 
 Concept i's LoRA is ΔW_i = B_i A_i with A_i (r x in) a fixed slice of one random orthogonal basis
 of the layer's input space (:func:`orthogonal_basis`, rows i*r .. (i+1)*r: disjoint slices, so
-A_i A_j^T = 0 for i != j) and only B_i (zero-initialised) and the concept's token training. Merge:
+A_i A_j^T = 0 for i != j; copied into the peft adapter's ``lora_A``, frozen) and only B_i
+(zero-initialised ``lora_B``) and the concept's token training. Merge:
 W = W_0 + sum_i ΔW_i (``lora.merged_weight``; a sum, no optimisation). At most in / r concepts fit
 in a layer of input width in: checked on the model before anything trains (``check_model``).
 

@@ -20,6 +20,8 @@ from ..masking import MaskedAdam, flat_indices, row_mask
 class TrainingStage(Protocol):
     key: str  # names the stage in messages
     token_ids: list[int]  # token rows that train (the prior prompt's embedding is cached unless it holds one)
+    # Optional: ``text_states(text_encoder, input_ids) -> (n, S, d)``, the UNet's text states of a
+    # batch (layer-wise tokens); without it the module uses ``text_encoder(input_ids)[0]``.
 
     def trainable(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(parameter, mask broadcastable to it) of everything the stage may change."""
