@@ -9,9 +9,10 @@ A "neuron" is one entry W[i, j] of a cross-attention ``attn2.to_k`` / ``attn2.to
 * Eq. 5  ``general_mask``: AND over the K calibration prompts.
 * Eq. 6  ``concept_mask``: base AND NOT general.
 
-The paper leaves three choices open; each is a knob (``method.selection`` in the config):
-``threshold`` ("row_topk" as in Wanda, "layer_topk", "absolute"), ``ratio`` / ``value``, and
-``tokens`` (which token positions count in ||c||).
+The paper leaves these choices open; each is a knob (``method.selection`` in the config):
+``threshold`` ("row_topk" as in Wanda, "layer_topk", "absolute"), ``ratio`` / ``value``,
+``tokens`` (which token positions count in ||c||), and ``weights``: which W the scores of Eq. 3 read
+in a continual run, "current" (the model as the earlier stages left it, W_{m-1}) or "base" (W_0).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 TOKEN_RULES = ("all", "no_bos", "until_eos", "content")
+WEIGHT_RULES = ("current", "base")
 THRESHOLD_RULES = ("row_topk", "layer_topk", "absolute")
 
 
@@ -30,8 +32,11 @@ class SelectionConfig:
     ratio: float = 0.1  # share kept per row (row_topk) or per layer (layer_topk)
     value: float | None = None  # for threshold="absolute"
     tokens: str = "no_bos"
+    weights: str = "current"  # W of Eq. 3 at stage m: "current" = W_{m-1}, "base" = W_0
 
     def __post_init__(self) -> None:
+        if self.weights not in WEIGHT_RULES:
+            raise ValueError(f"method.selection.weights={self.weights!r}: choose one of {WEIGHT_RULES}")
         if self.threshold not in THRESHOLD_RULES:
             raise ValueError(f"method.selection.threshold={self.threshold!r}: choose one of {THRESHOLD_RULES}")
         if self.tokens not in TOKEN_RULES:

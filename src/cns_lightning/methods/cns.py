@@ -15,7 +15,7 @@ import torch
 
 from ..concepts import Concept
 from ..models import cross_attention_kv
-from ..selection import THRESHOLD_RULES, TOKEN_RULES, SelectionConfig, encode_norms, select_concept_neurons
+from ..selection import THRESHOLD_RULES, TOKEN_RULES, WEIGHT_RULES, SelectionConfig, encode_norms, select_concept_neurons
 from ..masking import union_masks
 from .base import TOKEN_FILE, Knob, Method, RunContext, SavedStage, StageFiles, StageFormatError, stage_key
 from .kv_store import KV_FILE, MASKS_FILE, apply_kv, kv_file, mask_file, read_masks
@@ -31,6 +31,7 @@ class CNS(Method):
         Knob("selection.ratio", "float", 0.0, 1.0),
         Knob("selection.value", "float_or_null"),
         Knob("selection.tokens", "choice", choices=TOKEN_RULES),
+        Knob("selection.weights", "choice", choices=WEIGHT_RULES, added=True, before="current"),  # folders made before it: current
     )
 
     def __init__(self, name: str = "cns", selection: dict | None = None, lambda1: float = 1.0, lambda2: float = 1.0,
@@ -51,8 +52,12 @@ class CNS(Method):
         self.masks = []
 
     def select(self, ctx: RunContext, m: int, concept: Concept) -> tuple[dict[str, torch.Tensor], dict]:
-        """Eq. 3-6: the concept's masks and their statistics."""
-        kv = {n: p.detach() for n, p in cross_attention_kv(ctx.pipe.unet).items()}
+        """Eq. 3-6: the concept's masks and their statistics, scored on the live K/V (W_{m-1}) or,
+        with ``selection.weights=base``, on W_0 (then earlier stages do not move the selection)."""
+        if self.selection.weights == "base":
+            kv = self.initial
+        else:
+            kv = {n: p.detach() for n, p in cross_attention_kv(ctx.pipe.unet).items()}
         te, tok = ctx.pipe.text_encoder, ctx.pipe.tokenizer
         if self._calibration is None:
             self._calibration = encode_norms(te, tok, ctx.calibration_prompts, self.selection.tokens)
