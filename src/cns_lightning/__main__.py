@@ -57,12 +57,18 @@ def input_error(exc: BaseException) -> BaseException | None:
     return None
 
 
-def remove_if_empty(folder: Path) -> None:
-    """Hydra makes the run folder before the task starts: a refused command leaves no empty one."""
-    try:
-        folder.rmdir()  # only succeeds when empty
-    except OSError:
-        pass
+def remove_if_empty(folder: Path, root: Path | None = None) -> None:
+    """Hydra makes the run folder (and its parents) before the task starts: a refused command
+    leaves no empty one, nor empty parents below ``root`` (the output root, which stays)."""
+    folder = folder.resolve()
+    root = root.resolve() if root is not None else None
+    stop = {folder.parent} if root is None or root not in folder.parents else {root, *root.parents}
+    while folder not in stop:
+        try:
+            folder.rmdir()  # only succeeds when empty
+        except OSError:
+            return
+        folder = folder.parent
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
@@ -76,7 +82,7 @@ def main(cfg: DictConfig) -> None:
         err = input_error(e)
         if err is None:
             raise
-        remove_if_empty(Path(cfg.paths.run_dir))
+        remove_if_empty(Path(cfg.paths.run_dir), Path(cfg.paths.output_root))
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     finally:
