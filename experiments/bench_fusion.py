@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "experiments"))  # bench_gpu.seq_concepts for models above 64 px
 
 from omegaconf import OmegaConf  # noqa: E402
 
@@ -56,7 +57,6 @@ def run_method(method: str, args, out: Path) -> dict:
     names = seq7_concepts()[: args.concepts]
     res = int(OmegaConf.load(ROOT / "src" / "cns_lightning" / "conf" / "model" / f"{args.model}.yaml").get("resolution", 64))
     if res > 64:  # the world renders 64 px: a larger model gets the same images upscaled (bench_gpu.seq_concepts)
-        sys.path.insert(0, str(ROOT / "experiments"))
         from bench_gpu import seq_concepts
 
         items = [f"{{name:{c.name},class_name:'{c.class_name}',category:{c.category},path:'{c.path}'}}"

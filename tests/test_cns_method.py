@@ -24,13 +24,7 @@ def _second_selection(tmp_path, weights: str):
     live = {n: p.detach().clone() for n, p in cross_attention_kv(r.ctx.pipe.unet).items()}
     assert any(not torch.equal(live[n], method.initial[n]) for n in live), "stage 1 did not move K/V"
     got, _ = method.select(r.ctx, 1, r.concepts[1])
-    on = {}
-    for name, kv in (("base", method.initial), ("current", live)):
-        method.selection.weights, keep = "base", method.initial
-        method.initial = kv  # score exactly these weights
-        on[name], _ = method.select(r.ctx, 1, r.concepts[1])
-        method.initial = keep
-    method.selection.weights = weights
+    on = {name: method.select_on(r.ctx, r.concepts[1], kv)[0] for name, kv in (("base", method.initial), ("current", live))}
     return got, on
 
 

@@ -61,9 +61,10 @@ def remove_if_empty(folder: Path, root: Path | None = None) -> None:
     """Hydra makes the run folder (and its parents) before the task starts: a refused command
     leaves no empty one, nor empty parents below ``root`` (the output root, which stays)."""
     folder = folder.resolve()
-    root = root.resolve() if root is not None else None
-    stop = {folder.parent} if root is None or root not in folder.parents else {root, *root.parents}
-    while folder not in stop:
+    floor = root.resolve() if root is not None else folder.parent
+    if floor not in folder.parents:  # a run folder outside the output root: only itself
+        floor = folder.parent
+    while folder != floor:
         try:
             folder.rmdir()  # only succeeds when empty
         except OSError:

@@ -52,12 +52,14 @@ class CNS(Method):
         self.masks = []
 
     def select(self, ctx: RunContext, m: int, concept: Concept) -> tuple[dict[str, torch.Tensor], dict]:
-        """Eq. 3-6: the concept's masks and their statistics, scored on the live K/V (W_{m-1}) or,
-        with ``selection.weights=base``, on W_0 (then earlier stages do not move the selection)."""
+        """Eq. 3-6 on the K/V that ``selection.weights`` names: the live ones (W_{m-1}) or W_0 (then
+        earlier stages do not move the selection)."""
         if self.selection.weights == "base":
-            kv = self.initial
-        else:
-            kv = {n: p.detach() for n, p in cross_attention_kv(ctx.pipe.unet).items()}
+            return self.select_on(ctx, concept, self.initial)
+        return self.select_on(ctx, concept, {n: p.detach() for n, p in cross_attention_kv(ctx.pipe.unet).items()})
+
+    def select_on(self, ctx: RunContext, concept: Concept, kv: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+        """Eq. 3-6: the concept's masks and their statistics, scoring the weights ``kv``."""
         te, tok = ctx.pipe.text_encoder, ctx.pipe.tokenizer
         if self._calibration is None:
             self._calibration = encode_norms(te, tok, ctx.calibration_prompts, self.selection.tokens)
