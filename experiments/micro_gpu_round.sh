@@ -6,6 +6,7 @@
 #   bash experiments/micro_gpu_round.sh pretrain   # identity model, the rebuilt UNet, probes of the shipped model
 #   bash experiments/micro_gpu_round.sh probe MODEL_DIR IDENTITY_DIR   # probes of a rebuilt model
 #   bash experiments/micro_gpu_round.sh rebuild   # VAE + UNet continued on world scenes and random identities
+#   bash experiments/micro_gpu_round.sh wide      # a 128-wide text tower, the UNet warm-started into it (new K/V)
 #
 # Results come back as tar files in $OUT (at most 16 MB each; larger ones split).
 set -uo pipefail
@@ -70,6 +71,19 @@ rebuild)  # the micro world's VAE and UNet continued on world scenes plus random
     --n-eval 300 --guidances 3 > "$W/rebuild.log" 2>&1
   tail -25 "$W/rebuild.log"
   pack rebuild "$W/rebuild/pipeline/unet" "$W/rebuild/pipeline/vae" "$W/rebuild/scores.json" "$W/rebuild/log.txt" "$W/rebuild/samples.png" "$W/rebuild/samples.txt" "$W/rebuild.log"
+  ;;
+wide)  # a new CLIP at text width WIDTH (its text tower becomes the pipeline's), the shipped VAE, the shipped
+  # UNet warm-started into the new cross-attention width (K/V new, every other weight copied); scored by
+  # the shipped CLIP so the numbers compare with the shipped world's
+  timeout $(left 585) python -m cns_lightning.microworld.pretrain --out "$W/wide" --seed 0 --workers 15 \
+    --init $SHIPPED --init-parts vae,unet --text-width ${WIDTH:-128} --stages clip,unet,eval --identity-share ${ID_SHARE:-0.3} \
+    --clip-steps 6000 --clip-batch 512 --clip-max-seconds ${CLIP_SECONDS:-120} \
+    --unet-steps ${UNET_STEPS:-3600} --unet-batch 512 --unet-lr ${UNET_LR:-3e-4} --unet-max-seconds ${UNET_SECONDS:-320} \
+    --n-eval 300 --guidances 3 --evaluator $SHIPPED/clip > "$W/wide.log" 2>&1
+  tail -25 "$W/wide.log"
+  pack wide_pipeline "$W/wide/pipeline"
+  pack wide_clip "$W/wide/clip"
+  pack wide_logs "$W/wide/scores.json" "$W/wide/log.txt" "$W/wide/samples.png" "$W/wide/samples.txt" "$W/wide/progress.json" "$W/wide.log"
   ;;
 continue)  # the shipped UNet pretrained further (background) while the shipped model is probed
   timeout $(left 560) python -m cns_lightning.microworld.pretrain --out "$W/continue" --seed 1 --workers 4 \

@@ -30,6 +30,23 @@ def test_warm_start_from_a_unet_with_fewer_attention_levels_is_exact():
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), new.state_dict().values()))
 
 
+def test_warm_start_into_a_new_text_width_keeps_every_other_weight_and_starts_unconditional():
+    torch.manual_seed(0)
+    old = _small_unet("low").eval()  # cross_attention_dim 64
+    new = _small_unet("low", cross_attention_dim=128).eval()
+    assert arch.warm_start(new, old.state_dict()) == []
+    kv = [k for k in new.state_dict() if "attn2.to_k" in k or "attn2.to_v" in k]
+    assert kv and all(new.state_dict()[k].shape[1] == 128 for k in kv)
+    for k, v in new.state_dict().items():
+        if "attn2.to_v" in k:
+            assert not v.any(), k
+        elif k not in kv:
+            assert torch.equal(v, old.state_dict()[k]), k
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([3, 700])
+    with torch.no_grad():  # zero values: the text states do not matter yet
+        assert torch.allclose(new(x, t, torch.randn(2, 77, 128)).sample, new(x, t, torch.randn(2, 77, 128)).sample, atol=1e-6)
+
+
 def _pretrain(out, steps, max_seconds="1000"):
     main([
         "--out", str(out), "--stages", "clip,vae,unet", "--n-train", "32", "--workers", "1", "--text-width", "32",

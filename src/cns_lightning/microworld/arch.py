@@ -99,12 +99,21 @@ def warm_start(unet: UNet2DConditionModel, state: dict) -> list[str]:
     Transformer blocks that ``state`` lacks (attention added at a new level) get a zero ``proj_out``,
     so each is an identity on its residual path: the warm-started UNet computes exactly the earlier
     UNet's function until training moves the new blocks. Returns the names of the new blocks.
+
+    A new text width (``cross_attention_dim``) changes only the cross-attention K/V shapes: those
+    stay new, with ``attn2.to_v`` zero, so the UNet starts unconditional (each attn2 adds its output
+    bias) rather than reading random values of a text space it has not seen; the first steps give
+    ``to_v`` its gradient, then ``to_k``.
     """
     import torch
 
     own = unet.state_dict()
     same = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     unet.load_state_dict(same, strict=False)
+    with torch.no_grad():
+        for k, v in state.items():
+            if k in own and own[k].shape != v.shape and k.endswith("attn2.to_v.weight"):
+                own[k].zero_()  # state_dict() tensors share storage with the parameters
     blocks = sorted({re.match(r"(.*?\.attentions\.\d+)\.", k).group(1) for k in own if ".attentions." in k and k not in state})
     with torch.no_grad():
         for name, module in unet.named_modules():

@@ -424,6 +424,7 @@ def main(argv=None) -> None:
     ap.add_argument("--unet-max-seconds", type=float, default=200)
     ap.add_argument("--n-eval", type=int, default=300)
     ap.add_argument("--guidances", default="3,5", help="classifier-free guidance scales to score")
+    ap.add_argument("--evaluator", type=Path, default=None, help="CLIP folder that scores the eval stage (default: the CLIP trained or loaded here); e.g. the shipped clip/ to score a new text width on the shipped scale")
     a = ap.parse_args(argv)
     if not 0.0 <= a.identity_share <= 1.0:
         ap.error(f"--identity-share {a.identity_share}: a share of the pretraining scenes, from 0 (world scenes only) to 1; e.g. --identity-share 0.3")
@@ -462,9 +463,12 @@ def main(argv=None) -> None:
     vae = AutoencoderKL.from_pretrained(a.init / "pipeline" / "vae") if "vae" in parts else arch.build_vae()
     unet = arch.build_unet(a.unet_attention, cross_attention_dim=clip.config.text_config.hidden_size)
     if "unet" in parts:  # an earlier UNet: same architecture, or one level of attention fewer (warm start)
-        new_blocks = arch.warm_start(unet, UNet2DConditionModel.from_pretrained(a.init / "pipeline" / "unet").state_dict())
+        earlier = UNet2DConditionModel.from_pretrained(a.init / "pipeline" / "unet")
+        new_blocks = arch.warm_start(unet, earlier.state_dict())
         if new_blocks:
             log(f"unet warm start from {a.init}: new attention blocks {new_blocks} start as identities")
+        if earlier.config.cross_attention_dim != unet.config.cross_attention_dim:
+            log(f"unet warm start from {a.init}: text width {earlier.config.cross_attention_dim} -> {unet.config.cross_attention_dim}, cross-attention K/V new (to_v zero), every other weight copied")
     clip, vae, unet = clip.to(dev), vae.to(dev), unet.to(dev)
 
     # A rerun with the same --out resumes: finished stages are loaded, the UNet from its checkpoint.
@@ -514,7 +518,8 @@ def main(argv=None) -> None:
         save_pipeline(pipe, a.out / "pipeline")
     if "eval" in stages:
         gs = tuple(float(g) for g in a.guidances.split(","))
-        info["scores"] = evaluate(clip, tok, pipe, a.n_eval, a.seed, a.out, log, guidances=gs)
+        scorer = CLIPModel.from_pretrained(a.evaluator).to(dev) if a.evaluator is not None else clip
+        info["scores"] = evaluate(scorer, tok, pipe, a.n_eval, a.seed, a.out, log, guidances=gs)
     info["total_seconds"] = time.time() - t0
     (a.out / "scores.json").write_text(json.dumps(info, indent=2) + "\n")
     log(f"done in {info['total_seconds']:.0f}s")
