@@ -97,6 +97,22 @@ def test_log_stage_reaches_every_logger(monkeypatch, tmp_path):
     assert (media / "forgetting_clip_i_stage02.csv").read_text().splitlines() == ["stage,dog,mug", "1,71.0,", "2,72.0,80.0"]
 
 
+def test_a_resumed_run_keeps_the_earlier_sessions_csv_rows(tmp_path):
+    """A run folder reused by a resume or an extension: each session builds its own loggers;
+    the CSV rows of the earlier session stay and the new ones follow (Lightning's own CSVLogger
+    deletes metrics.csv when the second logger starts)."""
+    cfg = compose(["logger=csv", f"paths.run_dir={tmp_path}"])
+    first = build_loggers(cfg.logger)
+    log_stage(first, 1, {"eval/clip_i/dog": 71.0})
+    finish_loggers(first)
+    second = build_loggers(cfg.logger)  # the resumed session
+    log_stage(second, 2, {"eval/clip_i/dog": 72.0, "eval/clip_i/mug": 80.0})  # a new column too
+    finish_loggers(second)
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["stage"], r["eval/clip_i/dog"], r["eval/clip_i/mug"]) for r in rows] == [("1.0", "71.0", ""), ("2.0", "72.0", "80.0")]
+
+
 def test_each_multirun_job_gets_its_own_wandb_run(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -1,5 +1,7 @@
 """Lightning loggers from ``src/cns_lightning/conf/logger/*.yaml``, and per-stage logging of evaluation results.
 
+* :class:`CSVLogger` - Lightning's CSVLogger that keeps a reused run folder's earlier rows
+  (Lightning's deletes ``metrics.csv`` when a new logger starts in the folder).
 * :func:`build_loggers` - instantiate the ``logger`` config group (a dict of Lightning logger
   configs, possibly empty) into a list of Lightning loggers. W&B runs offline unless
   ``WANDB_MODE`` says otherwise (the yaml reads ``${oc.env:WANDB_MODE,offline}``).
@@ -25,12 +27,40 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from PIL import Image
 
 Table = tuple[list[str], list[list[Any]]]
 
 
 # ----------------------------------------------------------------------------- building
+class _KeepingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is kept: its header is read
+    and new rows are appended under it (widened when new columns arrive, as Lightning does within
+    one session)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
+
+
+class CSVLogger(LightningCSVLogger):
+    """``lightning.pytorch.loggers.CSVLogger`` for run folders that are resumed or extended: the rows
+    of earlier sessions stay in ``csv/metrics.csv`` and the new stages' rows follow them (Lightning's
+    own logger deletes the file when a new logger starts in the same folder)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _KeepingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def build_loggers(cfg: Any) -> list:
     """Instantiate a ``logger`` config: None/{} -> [], a dict of configs or a list of configs -> loggers."""
     if cfg is None:
