@@ -184,3 +184,11 @@ def test_the_micro_model_calibrates_the_cns_family_and_a_command_still_overrides
     assert (tiny.method.selection.ratio, tiny.method.lr_neurons, tiny.method.lr_token) == (0.1, 3e-5, 5e-4)
     kv = compose_cfg(tmp_path, ["+experiment=seq7", "method=full_kv"])
     assert (kv.method.lr_neurons, kv.method.lr_token) == (1e-5, 5e-4)
+
+
+def test_the_micro_model_calibrates_c_lora_and_a_command_still_overrides(tmp_path):
+    """conf/model_method/micro_c_lora.yaml: 10x the paper-side rate on the micro world (docs/knobs.md
+    section 5), the source's rate on every other model; a command's method.lr_lora wins."""
+    assert compose_cfg(tmp_path, ["+experiment=seq7", "method=c_lora"]).method.lr_lora == 5e-5
+    assert compose_cfg(tmp_path, ["+experiment=seq7", "method=c_lora", "method.lr_lora=1e-6"]).method.lr_lora == 1e-6
+    assert compose_cfg(tmp_path, ["model=tiny", "method=c_lora"]).method.lr_lora == 5e-6
