@@ -40,6 +40,8 @@ CASES = {
     "num_prompts_zero": (["calibration.num_prompts=0"], ["calibration.num_prompts=0 (int): expected a whole number >= 1"]),
     "concepts_a_string": (["data.concepts=/data/teddy"], ["data.concepts='/data/teddy' is not a list of concepts", "data.concepts=[{name:"]),
     "device_missing": (["device=cuda:99"], ["device='cuda:99', but this machine has", "Fix: device=auto"]),
+    "logger_target_typo": (["logger.csv._target_=lightning.pytorch.loggers.CSVLoger"],
+                           ["logger.csv._target_='lightning.pytorch.loggers.CSVLoger' cannot be imported", "logger=none"]),
 }
 
 
@@ -56,7 +58,7 @@ def test_a_config_mistake_fails_first_and_cleanly(finished, case):
     for text in expected:
         assert text in proc.stderr, (text, proc.stderr[-3000:])
     assert files(run) == before, "a refused command changed the finished run's files"
-    if case in ("concept_key_tokn", "device_missing"):  # found inside the run (Hydra's own are found before it): for a new run folder, no folder is left behind
+    if case in ("concept_key_tokn", "device_missing", "logger_target_typo"):  # found inside the run (Hydra's own are found before it): for a new run folder, no folder is left behind
         proc = run_cli([*cmd, "name=fresh"], env, check=False)
         assert proc.returncode == 1 and not (run.parents[2] / "fresh").exists()  # nor its empty parents
 

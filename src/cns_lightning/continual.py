@@ -30,7 +30,7 @@ from .concepts import Concept, concepts_from_config
 from .data import ConceptDataModule
 from .distributed import is_main_rank, ranks_agree, setup_distributed
 from .fusion_cost import measure, sequence_totals
-from .evaluation.loggers import build_loggers, log_hyperparameters, finish_loggers, log_stage
+from .evaluation.loggers import build_loggers, check_logger_targets, log_hyperparameters, finish_loggers, log_stage
 from .evaluation.validation import validation_callback
 from .methods import FORMAT_VERSION, Method, RunContext, build_method
 from .methods.base import ModelFitError, StageFormatError
@@ -130,6 +130,7 @@ def check_inputs(cfg: DictConfig) -> Run:
     check_config_values(cfg)  # every knob of the run and of its method (knobs.py, Method.declared_knobs)
     concepts = concepts_from_config(cfg.data.get("concepts"))
     check_device(cfg.get("device", "auto"))
+    check_logger_targets(cfg.get("logger"))
     method = build_method(cfg.method)
     check_concept_inputs(concepts, int(cfg.data.resolution), cache_dir)  # bad input fails before anything is written
     if str(cfg.model.get("name", "")) == "micro":  # own concepts in words the micro world never saw: a warning each

@@ -87,6 +87,39 @@ def build_loggers(cfg: Any) -> list:
     return loggers
 
 
+def check_logger_targets(cfg: Any) -> None:
+    """Every ``logger`` entry's ``_target_`` imports, before the run writes anything (a logger is
+    built only after the model loads, so a typo there would fail late, beside a started run folder)."""
+    from hydra.utils import get_class
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    from ..preflight import ConfigValueError
+
+    if cfg is None:
+        return
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    items = cfg.items() if isinstance(cfg, Mapping) else enumerate(cfg)
+    import logging
+
+    hydra_log = logging.getLogger("hydra.utils")  # get_class logs its failure as an ERROR into the run's log file
+    for key, item in items:
+        target = item.get("_target_") if isinstance(item, Mapping) else None
+        if not target:
+            continue
+        was, hydra_log.disabled = hydra_log.disabled, True
+        try:
+            get_class(target)
+        except Exception as e:  # hydra wraps ImportError / AttributeError alike
+            raise ConfigValueError(
+                f"logger.{key}._target_={target!r} cannot be imported ({str(e).splitlines()[0]}). Fix: a Lightning logger "
+                "class, e.g. cns_lightning.evaluation.loggers.CSVLogger, lightning.pytorch.loggers.TensorBoardLogger or "
+                "lightning.pytorch.loggers.WandbLogger (src/cns_lightning/conf/logger/), or logger=none for no logger."
+            ) from None
+        finally:
+            hydra_log.disabled = was
+
+
 def log_hyperparameters(loggers: Iterable, cfg: Any) -> dict:
     """Send the run's whole resolved config to every logger, as lightning-hydra-template's
     ``log_hyperparameters`` does: the W&B run's config, TensorBoard's hparams, the CSV logger's
