@@ -134,3 +134,25 @@ def test_a_knob_sweep_is_rows_not_seeds(sweep, tmp_path):
     assert std == pytest.approx(np.std([0.0, 1.0], ddof=1)) and float(rows["cns (method.lambda1=0.0)"]["single_clip_i_ci95"]) == pytest.approx(12.706 * std / 2**0.5)
     md = paths["table_ablation_md"].read_text()
     assert "| cns (method.lambda1=10.0) | 0, 1 (2) |" in md and " ± 0.71 [" in md
+
+
+def test_seeds_from_two_checkouts_and_from_before_a_knob_existed_are_one_setting(sweep, tmp_path):
+    """Seeds run from two checkouts (the shipped evaluator at two absolute paths) and a folder made
+    before a knob declared ``added`` with ``before`` (CNS's selection.weights) are one setting;
+    a real difference of that knob still splits the rows."""
+    sweep_dir, _ = sweep
+    src = sweep_dir / "cns" / "seed0"
+    variants = [  # (seed, checkout, selection.weights line)
+        (0, "/work/main/src", ""), (1, "/opt/venv/lib/python3.11/site-packages", "    weights: current\n"),
+        (2, "/opt/venv/lib/python3.11/site-packages", "    weights: base\n"),
+    ]
+    for seed, checkout, weights in variants:
+        run = tmp_path / "two" / "cns" / f"seed{seed}"
+        shutil.copytree(src, run)
+        (run / "summary.json").write_text(json.dumps({"method": "cns", "seed": seed, "concepts": ["teddy", "mug"]}))
+        (run / "config.yaml").write_text(
+            f"method:\n  _target_: cns_lightning.methods.cns.CNS\n  name: cns\n  selection:\n    ratio: 0.3\n{weights}"
+            f"eval:\n  clip_path: {checkout}/cns_lightning/assets/micro/clip\nseed: {seed}\n"
+        )
+    rows = {r["run"]: r["seeds"] for r in _csv(aggregate(tmp_path / "two", tmp_path / "agg")["table_ablation_csv"])}
+    assert rows == {"cns (method.selection.weights=current)": "0 1", "cns (method.selection.weights=base)": "2"}

@@ -135,15 +135,47 @@ def _defining(key: str) -> bool:
     return not any(key == p or (p.endswith(".") and key.startswith(p)) for p in NOT_DEFINING)
 
 
+_ASSETS = str(Path(__file__).resolve().parents[1] / "assets")
+
+
+def _setting_value(value: Any) -> Any:
+    """A config value as a setting: a path into a ``cns_lightning/assets`` folder (the shipped micro
+    models, from whichever checkout or install ran it) names the shipped file, not the folder it
+    was installed in."""
+    if isinstance(value, str) and "/cns_lightning/assets/" in value.replace("\\", "/"):
+        return "<cns_lightning assets>/" + value.replace("\\", "/").split("/cns_lightning/assets/", 1)[1]
+    return value
+
+
+def _setting(config: dict[str, Any] | None) -> dict[str, Any]:
+    """A run's config as a setting: knobs declared ``added`` with a ``before`` value that its folder
+    predates count as that value (the code it ran with had no other), asset paths as ``_setting_value``."""
+    cfg = {k: _setting_value(v) for k, v in (config or {}).items()}
+    if "method._target_" in cfg:
+        from ..knobs import knobs_of
+        from ..methods import MethodConfigError
+
+        try:
+            knobs = knobs_of({"method": {"_target_": cfg["method._target_"]}})
+        except MethodConfigError:
+            knobs = ()
+        for knob in knobs:
+            if knob.added and knob.before is not None and knob.key not in cfg:
+                cfg[knob.key] = knob.before
+    return cfg
+
+
 def by_setting(runs: list[RunResult]) -> dict[str, list[RunResult]]:
     """Runs grouped by everything that defines them but the seed: the method, and every config key
     (``config.yaml``) whose value differs between runs, named in the row label
-    (``cns (method.lambda1=10.0)``), so a sweep over a knob is never averaged as if it were seeds."""
-    keys = sorted({k for r in runs if r.config for k in r.config if _defining(k)})
-    varying = [k for k in keys if k != "method.name" and len({json.dumps((r.config or {}).get(k), default=str) for r in runs}) > 1]
+    (``cns (method.lambda1=10.0)``), so a sweep over a knob is never averaged as if it were seeds.
+    Values are compared as settings (``_setting``)."""
+    settings = {id(r): _setting(r.config) for r in runs}
+    keys = sorted({k for r in runs for k in settings[id(r)] if _defining(k)})
+    varying = [k for k in keys if k != "method.name" and len({json.dumps(settings[id(r)].get(k), default=str) for r in runs}) > 1]
     out: dict[str, list[RunResult]] = {}
-    for r in sorted(runs, key=lambda r: (r.method, [str((r.config or {}).get(k)) for k in varying], r.seed)):
-        cfg = r.config or {}
+    for r in sorted(runs, key=lambda r: (r.method, [str(settings[id(r)].get(k)) for k in varying], r.seed)):
+        cfg = settings[id(r)]
         diff = ", ".join(f"{k}={cfg.get(k)}" for k in varying if cfg.get(k) is not None)
         out.setdefault(f"{r.method} ({diff})" if diff else r.method, []).append(r)
     return out
