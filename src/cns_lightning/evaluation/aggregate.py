@@ -300,7 +300,7 @@ def aggregate(sweep_dir: Path, out: Path | None = None, best_of: bool = False) -
     runs = find_runs(sweep_dir)
     groups = by_setting(runs)
     n_samples = "/".join(str(n) for n in sorted({r.state.settings.get("n_samples") for r in runs}, key=str))
-    clip_models = sorted({r.state.clip_model for r in runs})
+    clip_models = sorted({str(_setting_value(r.state.clip_model)) for r in runs})
     label = f"best of {n_samples} samples per prompt" if best_of else f"mean over {n_samples} samples per prompt"
     note = (
         f"{len(runs)} runs below `{sweep_dir}`; final model (after the last evaluated stage); {label}; "
