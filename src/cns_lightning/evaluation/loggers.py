@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import re
@@ -100,8 +101,6 @@ def check_logger_targets(cfg: Any) -> None:
     if isinstance(cfg, (DictConfig, ListConfig)):
         cfg = OmegaConf.to_container(cfg, resolve=False)
     items = cfg.items() if isinstance(cfg, Mapping) else enumerate(cfg)
-    import logging
-
     hydra_log = logging.getLogger("hydra.utils")  # get_class logs its failure as an ERROR into the run's log file
     for key, item in items:
         target = item.get("_target_") if isinstance(item, Mapping) else None
