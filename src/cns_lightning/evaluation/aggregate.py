@@ -135,9 +135,6 @@ def _defining(key: str) -> bool:
     return not any(key == p or (p.endswith(".") and key.startswith(p)) for p in NOT_DEFINING)
 
 
-_ASSETS = str(Path(__file__).resolve().parents[1] / "assets")
-
-
 def _setting_value(value: Any) -> Any:
     """A config value as a setting: a path into a ``cns_lightning/assets`` folder (the shipped micro
     models, from whichever checkout or install ran it) names the shipped file, not the folder it

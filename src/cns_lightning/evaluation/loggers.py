@@ -62,18 +62,23 @@ class CSVLogger(LightningCSVLogger):
         return self._experiment
 
 
-def build_loggers(cfg: Any) -> list:
-    """Instantiate a ``logger`` config: None/{} -> [], a dict of configs or a list of configs -> loggers."""
+def _logger_entries(cfg: Any, resolve: bool) -> list[tuple[Any, Any]]:
+    """(key, entry) of a ``logger`` config: a dict of configs by name, a list by index, None: none."""
     if cfg is None:
         return []
-    from hydra.utils import instantiate
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
     if isinstance(cfg, (DictConfig, ListConfig)):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    items = list(cfg.values()) if isinstance(cfg, Mapping) else list(cfg)
+        cfg = OmegaConf.to_container(cfg, resolve=resolve)
+    return list(cfg.items()) if isinstance(cfg, Mapping) else list(enumerate(cfg))
+
+
+def build_loggers(cfg: Any) -> list:
+    """Instantiate a ``logger`` config: None/{} -> [], a dict of configs or a list of configs -> loggers."""
+    from hydra.utils import instantiate
+
     loggers = []
-    for i, item in enumerate(items):
+    for i, (_, item) in enumerate(_logger_entries(cfg, resolve=True)):
         if not item:
             continue
         if not isinstance(item, Mapping) or "_target_" not in item:
@@ -92,17 +97,11 @@ def check_logger_targets(cfg: Any) -> None:
     """Every ``logger`` entry's ``_target_`` imports, before the run writes anything (a logger is
     built only after the model loads, so a typo there would fail late, beside a started run folder)."""
     from hydra.utils import get_class
-    from omegaconf import DictConfig, ListConfig, OmegaConf
 
     from ..preflight import ConfigValueError
 
-    if cfg is None:
-        return
-    if isinstance(cfg, (DictConfig, ListConfig)):
-        cfg = OmegaConf.to_container(cfg, resolve=False)
-    items = cfg.items() if isinstance(cfg, Mapping) else enumerate(cfg)
     hydra_log = logging.getLogger("hydra.utils")  # get_class logs its failure as an ERROR into the run's log file
-    for key, item in items:
+    for key, item in _logger_entries(cfg, resolve=False):
         target = item.get("_target_") if isinstance(item, Mapping) else None
         if not target:
             continue
